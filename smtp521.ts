@@ -1,0 +1,1018 @@
+#!/usr/bin/env -S deno run --allow-net --no-prompt
+/**
+ * smtp521: an SMTP server for hosts that never receive mail.
+ *
+ * A host with nothing on port 25 makes senders queue misaddressed mail for
+ * days (a refused connection is a temporary failure). smtp521 answers with a
+ * permanent "521 <host> does not accept mail" instead, so the sender returns
+ * the message at once with a clear reason.
+ *
+ *   RFC 1846  SMTP 521 Reply Code (the modes below: §3, §4.1, §4.2)
+ *   RFC 7504  SMTP 521 and 556 Reply Codes (§3: 521 greeting, 556 at RCPT)
+ *   RFC 5321  SMTP (line and time-out limits, §4.5.3)
+ *   RFC 7505  Null MX (publish it too, where you control DNS)
+ *
+ * Usage (one file, no dependencies; Deno, Node >= 22.18 or Bun):
+ *
+ *   deno run --allow-net smtp521.ts [--mode greet|close|rcpt] [flags]
+ *   node smtp521.ts --port 2525 --hostname ntp1.example
+ *   bun smtp521.ts --stdio                      # from inetd / systemd Accept=yes
+ *   deno run --allow-net smtp521.ts probe host.example[:25]
+ *
+ * As a library: `createSession` is the protocol as a pure state machine
+ * (bytes in, replies and "close now" out); `serve` runs it on TCP.
+ *
+ * @module
+ */
+
+import { Buffer } from "node:buffer";
+import { isIP, isIPv4, isIPv6 } from "node:net";
+import type { AddressInfo, Server, Socket } from "node:net";
+import { createServer } from "node:net";
+import { readFileSync } from "node:fs";
+import { hostname as systemHostname } from "node:os";
+import process from "node:process";
+import { Duplex } from "node:stream";
+import { clearTimeout, setImmediate, setTimeout } from "node:timers";
+import { parseArgs } from "node:util";
+
+export const VERSION = "1.0.0";
+
+// ---------------------------------------------------------------------------
+// Reply table. Every byte smtp521 ever sends is built here, from the server's
+// name (SPEC §3) and, for RCPT only, a recipient domain that passed
+// `checkedDomain`. Nothing else a client sends can reach a reply.
+// ---------------------------------------------------------------------------
+
+/** The fixed replies for one server name, CRLF-terminated. */
+export interface Replies {
+  /** RFC 1846 §4.1 greeting, and the answer to every line in `greet` mode. */
+  readonly refuse: string;
+  /** RFC 5321 §4.1.1.10: QUIT. */
+  readonly closing: string;
+  /** `rcpt` mode greeting (RFC 1846 §3: a relay greets normally). */
+  readonly ready: string;
+  /** HELO/EHLO: one line, so no extension (PIPELINING, STARTTLS, AUTH) is offered. */
+  readonly hello: string;
+  readonly ok: string;
+  /** RFC 5321 §3.6.2: a recipient outside `--domains`; never an open relay. */
+  readonly relayDenied: string;
+  /** RFC 5321 §3.3: DATA when every RCPT was refused. No reply is ever 354. */
+  readonly noRecipients: string;
+  readonly badSequence: string;
+  readonly badSyntax: string;
+  readonly notImplemented: string;
+  readonly unknownCommand: string;
+  /** RFC 5321 §4.5.3.1.6 text line over 1000 octets, in `rcpt` mode. */
+  readonly lineTooLong: string;
+}
+
+/** RFC 1846 §3, RFC 7504 §3: the RCPT refusal naming the recipient's domain. */
+export function rcptRefusal(code: RcptCode, domain: string): string {
+  return `${code} ${domain} does not accept mail\r\n`;
+}
+
+export function repliesFor(name: string): Replies {
+  return Object.freeze({
+    refuse: `521 ${name} does not accept mail\r\n`,
+    closing: `221 ${name} closing connection\r\n`,
+    ready: `220 ${name} ESMTP refuses all mail\r\n`,
+    hello: `250 ${name}\r\n`,
+    ok: "250 OK\r\n",
+    relayDenied: "550 relaying denied\r\n",
+    noRecipients: "554 no valid recipients\r\n",
+    badSequence: "503 bad sequence of commands\r\n",
+    badSyntax: "501 syntax error in parameters or arguments\r\n",
+    notImplemented: "502 command not implemented\r\n",
+    unknownCommand: "500 command not recognized\r\n",
+    lineTooLong: "500 line too long\r\n",
+  });
+}
+
+// ---------------------------------------------------------------------------
+// Names (SPEC §3). A reply may only ever name a checked domain or literal.
+// ---------------------------------------------------------------------------
+
+/** RFC 5321 §4.1.2 Domain: LDH labels of 1-63 octets, 253 octets in all. */
+const DOMAIN = /^(?=.{1,253}$)[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*$/i;
+
+/**
+ * A well-formed domain (lower-cased, one trailing dot dropped) or address
+ * literal (RFC 5321 §4.1.3, `[192.0.2.1]`, `[IPv6:2001:db8::1]`); else null.
+ */
+export function checkedDomain(text: string): string | null {
+  if (text.startsWith("[") && text.endsWith("]")) {
+    const inner = text.slice(1, -1);
+    if (isIPv4(inner)) return text;
+    const v6 = /^ipv6:(.*)$/i.exec(inner);
+    return v6 && isIPv6(v6[1]) ? `[IPv6:${v6[1].toLowerCase()}]` : null;
+  }
+  const name = text.endsWith(".") ? text.slice(0, -1) : text;
+  return DOMAIN.test(name) ? name.toLowerCase() : null;
+}
+
+/** An IP address as RFC 5321 §4.1.3 writes it; IPv4-mapped IPv6 as IPv4. */
+export function addressLiteral(ip: string): string {
+  const plain = plainAddress(ip);
+  return isIPv6(plain) ? `[IPv6:${plain}]` : `[${plain}]`;
+}
+
+/** `::ffff:192.0.2.1` -> `192.0.2.1`, `fe80::1%eth0` -> `fe80::1`. */
+function plainAddress(ip: string): string {
+  const unscoped = ip.replace(/%.*$/, "");
+  const mapped = /^::ffff:(\d+\.\d+\.\d+\.\d+)$/i.exec(unscoped);
+  return mapped ? mapped[1] : unscoped;
+}
+
+/**
+ * `--domains a.example,.b.example`: a name, or with a leading dot every name
+ * under it but not itself (as in Postfix tables).
+ */
+export interface DomainList {
+  readonly names: ReadonlySet<string>;
+  readonly parents: ReadonlySet<string>;
+}
+
+export function parseDomainList(text: string): DomainList | string {
+  const names = new Set<string>();
+  const parents = new Set<string>();
+  for (const entry of text.split(",").map((s) => s.trim()).filter(Boolean)) {
+    const under = entry.startsWith(".");
+    const domain = checkedDomain(under ? entry.slice(1) : entry);
+    if (!domain || (under && domain.startsWith("["))) return entry;
+    (under ? parents : names).add(domain);
+  }
+  return names.size + parents.size ? { names, parents } : text;
+}
+
+function listed(list: DomainList, domain: string): boolean {
+  if (list.names.has(domain)) return true;
+  for (let dot = domain.indexOf("."); dot >= 0; dot = domain.indexOf(".", dot + 1)) {
+    if (list.parents.has(domain.slice(dot + 1))) return true;
+  }
+  return false;
+}
+
+// ---------------------------------------------------------------------------
+// Session core: the protocol as a pure state machine, with no sockets and no
+// timers (after h11). The transport feeds it bytes; it answers with the text
+// to send and, when the session is over, why.
+// ---------------------------------------------------------------------------
+
+export type Mode = "greet" | "close" | "rcpt";
+export type RcptCode = 521 | 556;
+
+/** Why a session ended (SPEC §6), as logged. */
+export type EndReason =
+  | "quit"
+  | "closed"
+  | "timeout"
+  | "limit"
+  | "overload"
+  | "too-long"
+  | "forbidden"
+  | "reset"
+  | "client-closed"
+  | "shutdown";
+
+export interface SessionConfig {
+  readonly mode: Mode;
+  /** The name in replies (SPEC §3), already checked. */
+  readonly name: string;
+  /** Lines a session may send; the last one is answered, then the close. */
+  readonly maxCommands: number;
+  /** `rcpt` mode: 521 (RFC 1846) or 556 (RFC 7504) for a refused recipient. */
+  readonly rcptCode: RcptCode;
+  /** `rcpt` mode: the domains refused with `rcptCode`; null refuses every domain. */
+  readonly domains: DomainList | null;
+}
+
+/** What the transport must do after feeding the core. */
+export interface Step {
+  /** Replies to send, in order; "" for none. */
+  readonly send: string;
+  /** Complete lines taken in (each resets the idle time-out). */
+  readonly lines: number;
+  /** Set once: send, then close (lingering, SPEC §4) for this reason. */
+  readonly end: EndReason | null;
+}
+
+export interface Session {
+  /** The first step, taken as soon as the connection is accepted. */
+  readonly greeting: Step;
+  /** Feed received bytes; bytes after the end are ignored. */
+  receive(bytes: Uint8Array): Step;
+}
+
+/** RFC 5321 §4.5.3.1.6: a text line is at most 1000 octets with its CRLF. */
+export const MAX_LINE = 1000;
+const LF = 10;
+const TLS_HANDSHAKE = 0x16;
+/** A cross-protocol probe (SPEC §4): an HTTP request line is never SMTP. */
+const HTTP_REQUEST = /^(?:(?:GET|HEAD|POST|PUT|DELETE|CONNECT|OPTIONS|TRACE|PATCH) |[A-Z]+ \S+ HTTP\/\d)/;
+const QUIT = /^quit[ \t]*$/i;
+const NOTHING: Step = Object.freeze({ send: "", lines: 0, end: null });
+
+type Answer = readonly [reply: string, end: EndReason | null];
+type Dialog = (line: string) => Answer;
+
+export function createSession(config: SessionConfig): Session {
+  const replies = repliesFor(config.name);
+  const dialog = config.mode === "rcpt" ? rcptDialog(config, replies) : greetDialog(replies);
+  let partial: Buffer | null = null;
+  let received = 0;
+  let ended = false;
+
+  const finish = (send: string, lines: number, end: EndReason): Step => {
+    ended = true;
+    partial = null;
+    return { send, lines, end };
+  };
+
+  function receive(chunk: Uint8Array): Step {
+    if (ended || chunk.length === 0) return NOTHING;
+    if (received === 0 && partial === null && chunk[0] === TLS_HANDSHAKE) return finish("", 0, "forbidden");
+    const bytes = Buffer.from(chunk.buffer, chunk.byteOffset, chunk.byteLength);
+    let send = "";
+    let lines = 0;
+    let start = 0;
+    for (let lf = bytes.indexOf(LF); lf >= 0; lf = bytes.indexOf(LF, start)) {
+      const held = partial?.length ?? 0;
+      if (held + lf - start + 1 > MAX_LINE) return finish(send + tooLong(), lines, "too-long");
+      let line = bytes.toString("latin1", start, lf);
+      if (partial) line = partial.toString("latin1") + line;
+      if (line.endsWith("\r")) line = line.slice(0, -1);
+      partial = null;
+      start = lf + 1;
+      lines++;
+      if (++received === 1 && HTTP_REQUEST.test(line)) return finish(send, lines, "forbidden");
+      const [reply, end] = dialog(line);
+      send += reply;
+      if (end) return finish(send, lines, end);
+      if (received >= config.maxCommands) return finish(send, lines, "limit");
+    }
+    const rest = bytes.length - start;
+    if ((partial?.length ?? 0) + rest >= MAX_LINE) return finish(send + tooLong(), lines, "too-long");
+    if (rest > 0) {
+      const tail = bytes.subarray(start);
+      partial = partial ? Buffer.concat([partial, tail]) : Buffer.from(tail);
+    }
+    return lines ? { send, lines, end: null } : NOTHING;
+  }
+
+  const tooLong = () => config.mode === "rcpt" ? replies.lineTooLong : replies.refuse;
+  const greeting: Step = config.mode === "rcpt"
+    ? { send: replies.ready, lines: 0, end: null }
+    : { send: replies.refuse, lines: 0, end: config.mode === "close" ? "closed" : null };
+  if (greeting.end) ended = true;
+  return { greeting, receive };
+}
+
+/** RFC 1846 §4.2 b: every line gets the 521, except QUIT (RFC 7504 §3). */
+function greetDialog(replies: Replies): Dialog {
+  const refuse: Answer = [replies.refuse, null];
+  const quit: Answer = [replies.closing, "quit"];
+  return (line) => QUIT.test(line) ? quit : refuse;
+}
+
+/** SMTP verbs smtp521 knows but will not run (RFC 5321 §4.2.4: 502). */
+const NOT_IMPLEMENTED = new Set([
+  "VRFY",
+  "EXPN",
+  "HELP",
+  "STARTTLS",
+  "AUTH",
+  "BDAT",
+  "ETRN",
+  "ATRN",
+  "TURN",
+  "SEND",
+  "SOML",
+  "SAML",
+]);
+const COMMAND = /^([A-Za-z]+)(?: (.*))?$/s;
+/** RFC 5321 §4.1.2 paths as `<...>`, then optional ESMTP parameters. */
+const MAIL_FROM = /^FROM: ?<([\x21-\x3b\x3d\x3f-\x7e]*)>(?: [\x20-\x7e]*)?$/i;
+const RCPT_TO = /^TO: ?<([\x21-\x3b\x3d\x3f-\x7e]+)>(?: [\x20-\x7e]*)?$/i;
+
+/**
+ * RFC 1846 §3: a relay dialog in which every recipient is refused. The only
+ * client text a reply may carry is a recipient domain that `checkedDomain`
+ * accepted; anything else in its place is the server's own name.
+ */
+function rcptDialog(config: SessionConfig, replies: Replies): Dialog {
+  let inTransaction = false;
+  const reply = (text: string): Answer => [text, null];
+
+  function recipient(path: string): string {
+    // RFC 5321 §4.1.1.3: a source route `@a,@b:` is ignored; the final domain decides.
+    const mailbox = path.startsWith("@") ? path.slice(path.indexOf(":") + 1) : path;
+    // RFC 5321 §4.5.1: `<Postmaster>` is this host, which takes no mail either.
+    if (/^postmaster$/i.test(mailbox)) return rcptRefusal(config.rcptCode, config.name);
+    const at = mailbox.lastIndexOf("@");
+    if (at <= 0) return replies.badSyntax;
+    const domain = checkedDomain(mailbox.slice(at + 1));
+    if (config.domains) {
+      return domain && listed(config.domains, domain) ? rcptRefusal(config.rcptCode, domain) : replies.relayDenied;
+    }
+    return rcptRefusal(config.rcptCode, domain ?? config.name);
+  }
+
+  return (line) => {
+    const command = COMMAND.exec(line.replace(/[ \t]+$/, ""));
+    if (!command) return reply(replies.unknownCommand);
+    const verb = command[1].toUpperCase();
+    const args = command[2] ?? "";
+    switch (verb) {
+      case "HELO":
+      case "EHLO":
+        if (!args) return reply(replies.badSyntax);
+        inTransaction = false; // RFC 5321 §4.1.4: a new EHLO resets the transaction
+        return reply(replies.hello);
+      case "MAIL":
+        if (!MAIL_FROM.test(args)) return reply(replies.badSyntax);
+        if (inTransaction) return reply(replies.badSequence);
+        inTransaction = true;
+        return reply(replies.ok);
+      case "RCPT": {
+        if (!inTransaction) return reply(replies.badSequence);
+        const to = RCPT_TO.exec(args);
+        return reply(to ? recipient(to[1]) : replies.badSyntax);
+      }
+      case "DATA":
+        if (!inTransaction) return reply(replies.badSequence);
+        return reply(args ? replies.badSyntax : replies.noRecipients);
+      case "RSET":
+        if (args) return reply(replies.badSyntax);
+        inTransaction = false;
+        return reply(replies.ok);
+      case "NOOP":
+        return reply(replies.ok);
+      case "QUIT":
+        return args ? reply(replies.badSyntax) : [replies.closing, "quit"];
+      default:
+        return reply(NOT_IMPLEMENTED.has(verb) ? replies.notImplemented : replies.unknownCommand);
+    }
+  };
+}
+
+/** SPEC §4: a connection over a limit still hears the 521, then a close. */
+export function overloadSession(name: string): Session {
+  const greeting: Step = { send: repliesFor(name).refuse, lines: 0, end: "overload" };
+  return { greeting, receive: () => NOTHING };
+}
+
+// ---------------------------------------------------------------------------
+// Transports: thin adapters that own sockets, timers and limits and let the
+// session core decide every byte sent.
+// ---------------------------------------------------------------------------
+
+/** SPEC §4: after the last reply, read and discard this long, then destroy. */
+const LINGER_MS = 2000;
+
+/** Structured log: an event name and its fields (SPEC §6). */
+export type Log = (event: string, fields: Readonly<Record<string, string | number>>) => void;
+
+/** A byte stream both ways: a TCP socket, or stdin and stdout joined. */
+interface Conduit {
+  write(text: string): boolean;
+  end(): void;
+  destroy(): void;
+  pause(): void;
+  resume(): void;
+  on(event: "data", listener: (chunk: Uint8Array) => void): void;
+  on(event: "end" | "close" | "error", listener: () => void): void;
+  once(event: "drain", listener: () => void): void;
+}
+
+/**
+ * Run one session over a conduit: write what the core says, pause reading
+ * while the peer does not read, keep the idle time-out from the last complete
+ * line (RFC 5321 §4.5.3.2.7), and close lingering (SPEC §4). Returns a
+ * function that closes the session at once (for shutdown).
+ */
+function converse(
+  conduit: Conduit,
+  session: Session,
+  idleMs: number,
+  onClose: (end: EndReason, lines: number) => void,
+): (reason: EndReason) => void {
+  let lines = 0;
+  let end: EndReason | null = null;
+  const stop = (reason: EndReason) => {
+    end ??= reason;
+    conduit.destroy();
+  };
+  let timer = setTimeout(stop, idleMs, "timeout");
+
+  const linger = (reason: EndReason) => {
+    if (end) return;
+    end = reason;
+    clearTimeout(timer);
+    conduit.end();
+    conduit.resume(); // discard late bytes, so no reset destroys the reply in flight
+    timer = setTimeout(() => conduit.destroy(), LINGER_MS);
+  };
+
+  const take = (step: Step) => {
+    lines += step.lines;
+    if (step.send && !conduit.write(step.send) && !step.end) {
+      conduit.pause(); // a pipelining peer that does not read is not read either
+      conduit.once("drain", () => conduit.resume());
+    }
+    if (step.end) linger(step.end);
+    else if (step.lines) timer.refresh();
+  };
+
+  conduit.on("data", (chunk) => take(session.receive(chunk)));
+  conduit.on("end", () => linger("client-closed"));
+  conduit.on("error", () => stop("reset"));
+  conduit.on("close", () => {
+    clearTimeout(timer);
+    onClose(end ?? "reset", lines);
+  });
+  take(session.greeting);
+  return stop;
+}
+
+/** Where to listen: an address and port ("" = every address), or an inherited socket. */
+export type ListenAddress = { readonly host: string; readonly port: number } | { readonly fd: number };
+
+export interface ServeOptions {
+  /** @default "greet" */
+  readonly mode?: Mode;
+  /** The name in replies (SPEC §3). @default the system's FQDN, else each connection's local address */
+  readonly hostname?: string;
+  /** @default [{ host: "", port: 25 }] (IPv6 and IPv4, or IPv4 alone without IPv6) */
+  readonly listen?: readonly ListenAddress[];
+  /** Lines per session. @default 20 */
+  readonly maxCommands?: number;
+  /** Open session sockets, lingering ones included. @default 1000 */
+  readonly maxConnections?: number;
+  /** Open session sockets from one address. @default 10 */
+  readonly maxPerIp?: number;
+  /** Idle time-out from the last complete line, in ms. @default 300_000 */
+  readonly timeoutMs?: number;
+  /** @default 521 */
+  readonly rcptCode?: RcptCode;
+  /** `rcpt` mode: the refused domains. @default null (every domain) */
+  readonly domains?: DomainList | null;
+  /** @default no logging */
+  readonly log?: Log;
+}
+
+export interface Smtp521Server {
+  /** The bound addresses, with their actual ports. */
+  readonly addresses: readonly AddressInfo[];
+  /** Where the name in replies came from: `--hostname`, `system`, or `local-address`. */
+  readonly name: { readonly value: string; readonly source: string };
+  /** Open session sockets, lingering ones included. */
+  connections(): number;
+  /** Stop accepting, let sessions end for up to `drainMs`, close the rest; sessions by end reason. */
+  close(drainMs?: number): Promise<Record<string, number>>;
+}
+
+const DEFAULTS = {
+  mode: "greet",
+  listen: [{ host: "", port: 25 }],
+  maxCommands: 20,
+  maxConnections: 1000,
+  maxPerIp: 10,
+  timeoutMs: 300_000,
+  rcptCode: 521,
+  domains: null,
+  log: () => {},
+} as const;
+
+// Deno's permission API, where present (SPEC §5: never prompt, fall back quietly).
+interface DenoGlobal {
+  permissions: { querySync(descriptor: { name: string; kind?: string; variable?: string }): { state: string } };
+  version: { deno: string };
+}
+const deno = (globalThis as unknown as { Deno?: DenoGlobal }).Deno;
+const bun = (globalThis as unknown as { Bun?: { version: string } }).Bun;
+export const RUNTIME = deno
+  ? `deno/${deno.version.deno}`
+  : bun
+  ? `bun/${bun.version}`
+  : `node/${process.versions.node}`;
+
+function mayRead(descriptor: { name: string; kind?: string; variable?: string }): boolean {
+  return !deno || deno.permissions.querySync(descriptor).state === "granted";
+}
+
+function readEnv(variable: string): string | undefined {
+  return mayRead({ name: "env", variable }) ? process.env[variable] : undefined;
+}
+
+/** The system host name, checked, if it may be read without a prompt. */
+function systemName(): string | null {
+  return mayRead({ name: "sys", kind: "hostname" }) ? checkedDomain(systemHostname()) : null;
+}
+
+/** SPEC §3: the flag, else a fully qualified system name; null: each connection's local address. */
+function fixedName(hostname: string | undefined): { value: string; source: string } | null {
+  if (hostname) return { value: hostname, source: "--hostname" };
+  const system = systemName();
+  return system?.includes(".") ? { value: system, source: "system" } : null;
+}
+
+/** `1.2.3.4:25`, `[2001:db8::1]:25`. */
+export function hostPort(ip: string, port: number | string): string {
+  return isIPv6(ip) ? `[${ip}]:${port}` : `${ip}:${port}`;
+}
+
+function listenOn(server: Server, where: ListenAddress): Promise<AddressInfo> {
+  return new Promise((resolve, reject) => {
+    server.once("error", reject);
+    const ready = () => {
+      server.off("error", reject);
+      resolve(server.address() as AddressInfo);
+    };
+    if ("fd" in where) server.listen({ fd: where.fd }, ready);
+    else server.listen({ host: where.host, port: where.port }, ready);
+  });
+}
+
+/** SPEC §5: "every address" is `::` (IPv4 too), or `0.0.0.0` where IPv6 is absent. */
+async function listenAll(server: Server, where: ListenAddress): Promise<AddressInfo> {
+  if ("fd" in where || where.host) return await listenOn(server, where);
+  try {
+    return await listenOn(server, { host: "::", port: where.port });
+  } catch (error) {
+    const code = (error as NodeJS.ErrnoException).code;
+    if (code !== "EAFNOSUPPORT" && code !== "EADDRNOTAVAIL") throw error;
+    return await listenOn(server, { host: "0.0.0.0", port: where.port });
+  }
+}
+
+/** Serve smtp521 on TCP until `close()`. Rejects if any address cannot be bound. */
+export async function serve(options: ServeOptions = {}): Promise<Smtp521Server> {
+  const o = { ...DEFAULTS, ...options };
+  const name = fixedName(o.hostname);
+  const config = { mode: o.mode, maxCommands: o.maxCommands, rcptCode: o.rcptCode, domains: o.domains };
+  const perIp = new Map<string, number>();
+  const live = new Set<(reason: EndReason) => void>();
+  const ended: Record<string, number> = {};
+  let open = 0;
+  let overloaded = 0;
+  let lastFdWarning = 0;
+
+  function accept(socket: Socket) {
+    const ip = socket.remoteAddress && plainAddress(socket.remoteAddress);
+    const local = socket.localAddress;
+    if (!ip || !local) return socket.destroy(); // reset before it was accepted
+    socket.setNoDelay(true);
+    const serverName = name?.value ?? addressLiteral(local);
+    const fromIp = perIp.get(ip) ?? 0;
+    const over = open >= o.maxConnections || fromIp >= o.maxPerIp;
+    if (over && overloaded >= o.maxConnections) {
+      // SPEC §4: even the lingering of refusals is bounded; past it, greet and drop.
+      socket.on("error", () => {});
+      return void socket.end(repliesFor(serverName).refuse, () => socket.destroy());
+    }
+    const started = Date.now();
+    const remote = hostPort(ip, socket.remotePort ?? 0);
+    const localPort = socket.localPort ?? 0;
+    if (over) overloaded++;
+    else {
+      open++;
+      perIp.set(ip, fromIp + 1);
+    }
+    const session = over ? overloadSession(serverName) : createSession({ ...config, name: serverName });
+    const stop = converse(socket, session, o.timeoutMs, (end, lines) => {
+      live.delete(stop);
+      if (over) overloaded--;
+      else {
+        open--;
+        const left = perIp.get(ip)! - 1;
+        if (left) perIp.set(ip, left);
+        else perIp.delete(ip);
+      }
+      ended[end] = (ended[end] ?? 0) + 1;
+      o.log("session", {
+        remote,
+        local_port: localPort,
+        mode: o.mode,
+        duration_ms: Date.now() - started,
+        lines,
+        end,
+      });
+    });
+    live.add(stop);
+  }
+
+  /** SPEC §4: out of descriptors, say so at most once a second and keep serving. */
+  function acceptFailed(error: NodeJS.ErrnoException) {
+    const now = Date.now();
+    if (now - lastFdWarning < 1000) return;
+    lastFdWarning = now;
+    o.log("error", { error: error.code ?? "accept", detail: error.message });
+  }
+
+  const servers: Server[] = [];
+  const addresses: AddressInfo[] = [];
+  try {
+    for (const where of o.listen) {
+      const server = createServer(accept);
+      servers.push(server);
+      addresses.push(await listenAll(server, where));
+      server.on("error", acceptFailed);
+    }
+  } catch (error) {
+    for (const server of servers) server.close();
+    throw Object.assign(error as Error, { listen: describeListen(o.listen[servers.length - 1]) });
+  }
+
+  async function close(drainMs = 5000): Promise<Record<string, number>> {
+    for (const server of servers) server.close();
+    const deadline = Date.now() + drainMs;
+    while (open + overloaded > 0 && Date.now() < deadline) await sleep(50);
+    for (const stop of live) stop("shutdown");
+    while (open + overloaded > 0) await sleep(10);
+    return ended;
+  }
+
+  const nameInfo = name ?? { value: "[local address of each connection]", source: "local-address" };
+  return { addresses, name: nameInfo, connections: () => open + overloaded, close };
+}
+
+function describeListen(where: ListenAddress): string {
+  return "fd" in where ? `fd:${where.fd}` : hostPort(where.host || "::", where.port);
+}
+
+const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
+
+export type StdioOptions = Pick<
+  ServeOptions,
+  "mode" | "hostname" | "maxCommands" | "timeoutMs" | "rcptCode" | "domains" | "log"
+>;
+
+/**
+ * SPEC §5 `--stdio`: one session on standard input and output, as inetd,
+ * xinetd, systemd `Accept=yes`, tcpserver and socat run it. Resolves with the
+ * end reason once the session is over and its replies are flushed.
+ */
+export function serveStdio(options: StdioOptions = {}): { done: Promise<EndReason>; stop(reason: EndReason): void } {
+  const o = { ...DEFAULTS, ...options };
+  // Node and Bun give stdin as a socket under inetd; else tcpserver's and systemd's variables.
+  const stdin = process.stdin as Partial<Socket>;
+  const remoteIp = stdin.remoteAddress ?? readEnv("TCPREMOTEIP") ?? readEnv("REMOTE_ADDR") ?? readEnv("REMOTE_HOST");
+  const remotePort = stdin.remotePort ?? readEnv("TCPREMOTEPORT") ?? readEnv("REMOTE_PORT") ?? "-";
+  const localPort = stdin.localPort ?? readEnv("TCPLOCALPORT") ?? "-";
+  const name = stdioName(o.hostname, o.log);
+  const conduit = Duplex.from({ readable: process.stdin, writable: process.stdout });
+  const session = createSession({ ...o, name });
+  const started = Date.now();
+  let stop: (reason: EndReason) => void = () => {};
+  const done = new Promise<EndReason>((resolve) => {
+    stop = converse(conduit, session, o.timeoutMs, (end, lines) => {
+      o.log("session", {
+        remote: remoteIp ? hostPort(plainAddress(remoteIp), remotePort) : "-",
+        local_port: localPort,
+        mode: o.mode,
+        duration_ms: Date.now() - started,
+        lines,
+        end,
+      });
+      resolve(end);
+    });
+  });
+  return { done, stop: (reason) => stop(reason) };
+}
+
+/** SPEC §5: the name for a stdio session, from the best source the runtime allows. */
+function stdioName(hostname: string | undefined, log: Log): string {
+  const fixed = fixedName(hostname);
+  if (fixed) return fixed.value;
+  const local = (process.stdin as Partial<Socket>).localAddress ?? readEnv("TCPLOCALIP");
+  if (local && isIP(plainAddress(local))) return addressLiteral(local);
+  const named = checkedDomain(readEnv("TCPLOCALHOST") ?? "") ?? systemName();
+  if (named) return named;
+  log("warning", { detail: "no name for replies: using localhost; pass --hostname" });
+  return "localhost";
+}
+
+// ---------------------------------------------------------------------------
+// Options (SPEC §6): every flag, its default, and one line naming the fix.
+// ---------------------------------------------------------------------------
+
+export const USAGE = `smtp521 ${VERSION}: refuse all mail with a permanent 521 (RFC 1846, RFC 7504)
+
+usage: smtp521.ts [flags]
+       smtp521.ts probe HOST[:PORT] [--rcpt USER@DOMAIN] [--timeout S] [--json]
+
+  --mode greet|close|rcpt   greet: 521 greeting, 521 to every line, 221 to QUIT
+                            close: 521 greeting, then close
+                            rcpt:  220 greeting, 521 to every RCPT (default greet)
+  --hostname NAME           name in replies (default: the system's FQDN, else
+                            the local address of each connection)
+  --listen ADDR:PORT        where to listen, repeatable: 192.0.2.1:25, [::1]:25,
+                            :25 for every address, fd:3 for systemd sockets
+                            (default :25, that is [::]:25, IPv4 included)
+  --port N                  short for --listen :N
+  --stdio                   one session on stdin/stdout (inetd, Accept=yes)
+  --domains LIST            rcpt mode: refuse only these domains, comma-separated;
+                            .example.org refuses every name under it; other
+                            recipients get 550 (default: refuse every domain)
+  --rcpt-code 521|556       rcpt mode: reply code for a refused recipient (default 521)
+  --max-commands N          lines per session, 1-1000 (default 20)
+  --max-connections N       open sessions in all (default 1000)
+  --max-per-ip N            open sessions from one address (default 10)
+  --timeout S               idle time-out in seconds (default 300)
+  --drain S                 on SIGTERM, time open sessions get to end (default 5)
+  --user NAME[:GROUP]       drop privileges after binding, Node and Bun (default: none)
+  --log text|json|off       one line per session on stderr (default text)
+  -h, --help                this text
+  --version                 the version
+`;
+
+const FLAGS = {
+  mode: { type: "string", default: "greet" },
+  hostname: { type: "string" },
+  listen: { type: "string", multiple: true },
+  port: { type: "string" },
+  stdio: { type: "boolean", default: false },
+  domains: { type: "string" },
+  "rcpt-code": { type: "string", default: "521" },
+  "max-commands": { type: "string", default: "20" },
+  "max-connections": { type: "string", default: "1000" },
+  "max-per-ip": { type: "string", default: "10" },
+  timeout: { type: "string", default: "300" },
+  drain: { type: "string", default: "5" },
+  user: { type: "string" },
+  log: { type: "string", default: "text" },
+  help: { type: "boolean", short: "h", default: false },
+  version: { type: "boolean", default: false },
+} as const;
+
+export type LogFormat = "text" | "json" | "off";
+
+export interface Options extends Required<Omit<ServeOptions, "hostname" | "log">> {
+  readonly hostname: string | undefined;
+  readonly stdio: boolean;
+  readonly drainMs: number;
+  readonly user: string | undefined;
+  readonly logFormat: LogFormat;
+  readonly help: boolean;
+  readonly version: boolean;
+}
+
+/** A configuration error: names the flag and the fix (SPEC §6, exit 2). */
+export interface UsageError {
+  readonly error: string;
+}
+
+function choice<T extends string>(flag: string, value: string, allowed: readonly T[]): T | UsageError {
+  return (allowed as readonly string[]).includes(value)
+    ? value as T
+    : { error: `--${flag}: "${value}" is not one of ${allowed.join(", ")}` };
+}
+
+function count(flag: string, value: string, min: number, max: number): number | UsageError {
+  const n = /^\d+$/.test(value) ? Number(value) : NaN;
+  return n >= min && n <= max ? n : { error: `--${flag}: "${value}" must be a whole number from ${min} to ${max}` };
+}
+
+function seconds(flag: string, value: string): number | UsageError {
+  const s = /^\d+(\.\d+)?$/.test(value) ? Number(value) : NaN;
+  return s >= 0.1 && s <= 86_400
+    ? Math.round(s * 1000)
+    : { error: `--${flag}: "${value}" must be seconds from 0.1 to 86400` };
+}
+
+/** `ADDR:PORT`, `[IPv6]:PORT`, `:PORT` or `fd:N`. */
+function listenAddress(value: string): ListenAddress | UsageError {
+  const fd = /^fd:(\d+)$/.exec(value);
+  if (fd) return { fd: Number(fd[1]) };
+  const parts = /^(?:\[([0-9a-fA-F:.]+)\]|(\d+\.\d+\.\d+\.\d+))?:(\d+)$/.exec(value);
+  const host = parts?.[1] ?? parts?.[2] ?? "";
+  const port = Number(parts?.[3]);
+  if (!parts || (host && !isIP(host)) || port > 65535) {
+    return { error: `--listen: "${value}" is not ADDR:PORT, [IPv6]:PORT, :PORT or fd:N (e.g. 192.0.2.1:25)` };
+  }
+  return { host, port };
+}
+
+const isError = (value: unknown): value is UsageError =>
+  typeof value === "object" && value !== null && "error" in value;
+
+/** Parse the server's flags (not the probe's). */
+export function parseOptions(args: readonly string[]): Options | UsageError {
+  let values;
+  try {
+    ({ values } = parseArgs({ args: [...args], options: FLAGS, strict: true, allowPositionals: false }));
+  } catch (error) {
+    const flag = /'([^']+)'/.exec((error as Error).message)?.[1] ?? String(args[0]);
+    return { error: `${flag}: ${unknownOrBad(error)}; see --help` };
+  }
+  const mode = choice("mode", values.mode, ["greet", "close", "rcpt"] as const);
+  const logFormat = choice("log", values.log, ["text", "json", "off"] as const);
+  const rcptCode = choice("rcpt-code", values["rcpt-code"], ["521", "556"] as const);
+  const maxCommands = count("max-commands", values["max-commands"], 1, 1000);
+  const maxConnections = count("max-connections", values["max-connections"], 1, 1_000_000);
+  const maxPerIp = count("max-per-ip", values["max-per-ip"], 1, 1_000_000);
+  const timeoutMs = seconds("timeout", values.timeout);
+  const drainMs = seconds("drain", values.drain);
+  const listen = values.port !== undefined
+    ? [listenAddress(`:${values.port}`)]
+    : (values.listen ?? [":25"]).map(listenAddress);
+  const domains = values.domains === undefined ? null : parseDomainList(values.domains);
+  const hostname = values.hostname;
+  const problems = [mode, logFormat, rcptCode, maxCommands, maxConnections, maxPerIp, timeoutMs, drainMs, ...listen];
+  const problem = problems.find(isError);
+  if (problem) return problem;
+  if (values.port !== undefined && values.listen) return { error: "--port: give either --port or --listen, not both" };
+  if (hostname !== undefined && !checkedDomain(hostname)) {
+    return {
+      error: `--hostname: "${hostname}" is not a domain name or address literal (e.g. ntp1.example.org or [192.0.2.1])`,
+    };
+  }
+  if (typeof domains === "string") {
+    return {
+      error: `--domains: "${domains}" is not a domain, .domain or address literal list (e.g. a.example,.b.example)`,
+    };
+  }
+  if (domains && mode !== "rcpt") return { error: "--domains: only rcpt mode reads recipients; add --mode rcpt" };
+  if (values.stdio && (values.listen || values.port !== undefined)) {
+    return { error: "--stdio: serves one session on stdin/stdout; drop --listen and --port" };
+  }
+  return {
+    mode: mode as Mode,
+    hostname: hostname === undefined ? undefined : checkedDomain(hostname)!,
+    listen: listen as ListenAddress[],
+    stdio: values.stdio,
+    domains,
+    rcptCode: Number(rcptCode) as RcptCode,
+    maxCommands: maxCommands as number,
+    maxConnections: maxConnections as number,
+    maxPerIp: maxPerIp as number,
+    timeoutMs: timeoutMs as number,
+    drainMs: drainMs as number,
+    user: values.user,
+    logFormat: logFormat as LogFormat,
+    help: values.help,
+    version: values.version,
+  };
+}
+
+function unknownOrBad(error: unknown): string {
+  const code = (error as NodeJS.ErrnoException).code;
+  if (code === "ERR_PARSE_ARGS_UNKNOWN_OPTION") return "unknown flag";
+  if (code === "ERR_PARSE_ARGS_UNEXPECTED_POSITIONAL") return "unexpected argument";
+  return "needs a value";
+}
+
+// ---------------------------------------------------------------------------
+// Logs (SPEC §6): one line per event on stderr, never stdout (it may be the
+// session, under --stdio). Lines written in one turn of the event loop go out
+// in one write, off the reply path.
+// ---------------------------------------------------------------------------
+
+function logfmt(value: string | number): string {
+  const text = String(value);
+  return /^[\x21-\x7e]+$/.test(text) && !/["=\\]/.test(text) ? text : JSON.stringify(text);
+}
+
+export function formatLine(
+  format: "text" | "json",
+  event: string,
+  fields: Readonly<Record<string, string | number>>,
+): string {
+  const time = new Date().toISOString();
+  if (format === "json") return JSON.stringify({ time, event, ...fields }) + "\n";
+  const pairs = Object.entries(fields).map(([key, value]) => `${key}=${logfmt(value)}`);
+  return [`time=${time}`, `event=${event}`, ...pairs].join(" ") + "\n";
+}
+
+/** A log to stderr, and `flush` to wait for what it holds (call before exit). */
+function stderrLog(format: LogFormat): { log: Log; flush(): Promise<void> } {
+  let pending = "";
+  const flush = () =>
+    new Promise<void>((resolve) => {
+      const text = pending;
+      pending = "";
+      if (text) process.stderr.write(text, () => resolve());
+      else resolve();
+    });
+  if (format === "off") return { log: () => {}, flush };
+  const log: Log = (event, fields) => {
+    if (!pending) setImmediate(flush);
+    pending += formatLine(format, event, fields);
+  };
+  return { log, flush };
+}
+
+// ---------------------------------------------------------------------------
+// Main: a server, or one stdio session, until SIGTERM or SIGINT (SPEC §6).
+// ---------------------------------------------------------------------------
+
+/** The fix for a listen failure, by cause (SPEC §6). */
+const LISTEN_FIXES: Record<string, string> = {
+  EACCES:
+    "ports below 1024 need root or CAP_NET_BIND_SERVICE (systemd AmbientCapabilities=, setcap), or use a port above 1023",
+  EADDRINUSE: "another server (an MTA?) holds that port: stop it, or choose another --listen",
+  EADDRNOTAVAIL: "no interface has that address: check --listen",
+  EBADF: "no socket was passed on that descriptor: start from a systemd .socket unit, or use --listen ADDR:PORT",
+  ENOTSOCK: "that descriptor is not a socket: start from a systemd .socket unit, or use --listen ADDR:PORT",
+};
+
+/** `--user NAME[:GROUP]`: supplementary groups, gid, then uid, after binding (Node, Bun). */
+function dropPrivileges(spec: string): string {
+  const [user, group] = spec.split(":");
+  const gid = group ?? primaryGroup(user);
+  if (gid === undefined) throw new Error(`--user: "${user}" is not in /etc/passwd; give NAME:GROUP`);
+  process.initgroups!(user, gid);
+  process.setgid!(gid);
+  process.setuid!(user);
+  return `uid=${process.getuid!()} gid=${process.getgid!()} groups=${process.getgroups!().join(",")}`;
+}
+
+function primaryGroup(user: string): number | undefined {
+  const entry = readFileSync("/etc/passwd", "latin1").split("\n").find((line) => line.startsWith(`${user}:`));
+  const gid = entry?.split(":")[3];
+  return gid ? Number(gid) : undefined;
+}
+
+/** One line on stderr, then the exit code (the write callback: nothing is cut short). */
+function say(text: string, code: number): Promise<number> {
+  return new Promise((resolve) => process.stderr.write(`smtp521: ${text}\n`, () => resolve(code)));
+}
+
+function signalled(): Promise<string> {
+  return new Promise((resolve) => {
+    for (const signal of ["SIGTERM", "SIGINT"] as const) process.once(signal, () => resolve(signal));
+  });
+}
+
+export async function main(args: readonly string[]): Promise<number> {
+  const options = parseOptions(args);
+  if (isError(options)) return await say(options.error, 2);
+  if (options.help || options.version) {
+    const text = options.help ? USAGE : `smtp521 ${VERSION}\n`;
+    return await new Promise((resolve) => process.stdout.write(text, () => resolve(0)));
+  }
+  if (deno && options.listen.some((where) => "fd" in where)) {
+    return await say(
+      "--listen fd:N: Deno cannot accept on an inherited socket; use --stdio with systemd Accept=yes, or --listen ADDR:PORT",
+      2,
+    );
+  }
+  if (deno && options.user) {
+    return await say(
+      "--user: Deno has no setgroups, so it cannot drop privileges safely; use systemd User= or DynamicUser=, or run under Node or Bun",
+      2,
+    );
+  }
+  const { log, flush } = stderrLog(options.logFormat);
+  const common = { ...options, log };
+  process.on("SIGHUP", () => log("signal", { signal: "SIGHUP", action: "ignored" }));
+
+  if (options.stdio) {
+    const session = serveStdio(common);
+    signalled().then(() => session.stop("shutdown"));
+    await session.done;
+    await flush();
+    return 0;
+  }
+
+  let server: Smtp521Server;
+  try {
+    server = await serve(common);
+  } catch (error) {
+    const { code, message, listen } = error as NodeJS.ErrnoException & { listen?: string };
+    const fix = LISTEN_FIXES[code ?? ""] ?? "check --listen";
+    const line = `cannot listen on ${listen}: ${code ?? message}; ${fix}`;
+    if (options.logFormat !== "json") return await say(line, 1);
+    log("error", { listen: listen ?? "-", error: code ?? message, fix });
+    await flush();
+    return 1;
+  }
+  let ids = "";
+  if (options.user) {
+    try {
+      ids = dropPrivileges(options.user);
+    } catch (error) {
+      await server.close(0);
+      return await say(`--user: ${(error as Error).message}`, 1);
+    }
+  }
+  log("start", {
+    version: VERSION,
+    runtime: RUNTIME,
+    mode: options.mode,
+    name: server.name.value,
+    name_source: server.name.source,
+    listen: server.addresses.map((a) => hostPort(a.address, a.port)).join(","),
+    ...(ids ? { ids } : {}),
+    pid: process.pid,
+  });
+  const signal = await signalled();
+  const ended = await server.close(options.drainMs);
+  const total = Object.values(ended).reduce((sum, n) => sum + n, 0);
+  log("stop", { signal, sessions: total, ...ended });
+  await flush();
+  return 0;
+}
+
+if (import.meta.main) main(process.argv.slice(2)).then((code) => process.exit(code));
