@@ -3,14 +3,29 @@
 // then real clients (Python smtplib, curl, nodemailer). Every connection goes
 // to 127.0.0.1 or ::1, and every loop is bounded in count and time.
 
+import assert from "node:assert/strict";
+import { Buffer } from "node:buffer";
 import { type ChildProcess, execFile, spawn } from "node:child_process";
 import { readFileSync } from "node:fs";
 import { connect, createServer, type Socket } from "node:net";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
+import fc from "fast-check";
 import nodemailer from "nodemailer";
 import { describe, expect, it } from "vitest";
-import { createSession, MAX_LINE, parseOptions, type SessionConfig, type Step, USAGE, VERSION } from "./smtp521.ts";
+import {
+  checkedDomain,
+  createSession,
+  type DomainList,
+  MAX_LINE,
+  parseDomainList,
+  parseOptions,
+  repliesFor,
+  type SessionConfig,
+  type Step,
+  USAGE,
+  VERSION,
+} from "./smtp521.ts";
 
 const ROOT = dirname(fileURLToPath(import.meta.url));
 const FILE = join(ROOT, "smtp521.ts");
@@ -130,6 +145,306 @@ describe("session core: close mode (RFC 1846 §4.2 a)", () => {
     const s = session({ mode: "close" });
     expect(s.greeting).toEqual({ send: REFUSE, lines: 0, end: "closed" });
     expect(feed(s, "EHLO x\r\nQUIT\r\n")).toMatchObject({ send: "", lines: 0, end: null });
+  });
+});
+
+describe("session core: rcpt mode (RFC 1846 §3)", () => {
+  const HELLO = `250 ${NAME}\r\n`;
+  const OK = "250 OK\r\n";
+  const rcpt = (overrides: Partial<SessionConfig> = {}) => session({ mode: "rcpt", ...overrides });
+  /** Each line's reply, one by one. */
+  const dialog = (s: ReturnType<typeof session>, ...lines: string[]) =>
+    lines.map((line) => s.receive(bytes(`${line}\r\n`)).send);
+
+  it("greets 220 and takes HELO/EHLO with a single-line 250 (no extensions)", () => {
+    const s = rcpt();
+    expect(s.greeting).toEqual({ send: `220 ${NAME} ESMTP refuses all mail\r\n`, lines: 0, end: null });
+    expect(dialog(s, "EHLO client.example", "HELO client.example", "EHLO", "helo")).toEqual([
+      HELLO,
+      HELLO,
+      "501 syntax error in parameters or arguments\r\n",
+      "501 syntax error in parameters or arguments\r\n",
+    ]);
+  });
+
+  it("refuses every RCPT with 521 naming the checked, lower-cased domain", () => {
+    const s = rcpt();
+    expect(
+      dialog(
+        s,
+        "EHLO c",
+        "MAIL FROM:<a@client.example>",
+        "RCPT TO:<u@X.Example.>",
+        "RCPT TO:<v@y.example> NOTIFY=NEVER",
+      ),
+    )
+      .toEqual([HELLO, OK, "521 x.example does not accept mail\r\n", "521 y.example does not accept mail\r\n"]);
+  });
+
+  it("answers 556 with --rcpt-code 556 (RFC 7504)", () => {
+    expect(dialog(rcpt({ rcptCode: 556 }), "MAIL FROM:<>", "RCPT TO:<u@x.example>"))
+      .toEqual([OK, "556 x.example does not accept mail\r\n"]);
+  });
+
+  it("names itself, not the client's text, when the domain is not well formed", () => {
+    const s = rcpt();
+    dialog(s, "MAIL FROM:<>");
+    for (
+      const to of [
+        "u@exa_mple.com",
+        "u@-x.example",
+        "u@a..b",
+        `u@${"a".repeat(64)}.example`,
+        "u@[1.2.3]",
+        "u@[IPv6:1.2.3.4]",
+      ]
+    ) {
+      expect(dialog(s, `RCPT TO:<${to}>`)).toEqual([`521 ${NAME} does not accept mail\r\n`]);
+    }
+    expect(dialog(s, "RCPT TO:<Postmaster>", "RCPT TO:<postmaster>")).toEqual([REFUSE, REFUSE]);
+  });
+
+  it("judges a source-routed recipient by its final domain, and address literals as literals", () => {
+    const s = rcpt();
+    expect(
+      dialog(s, "MAIL FROM:<>", "RCPT TO:<@relay.example,@r2.example:user@Final.Example>", "RCPT TO:<u@[192.0.2.1]>"),
+    )
+      .toEqual([OK, "521 final.example does not accept mail\r\n", "521 [192.0.2.1] does not accept mail\r\n"]);
+    expect(dialog(s, "RCPT TO:<u@[IPv6:2001:DB8::1]>")).toEqual(["521 [IPv6:2001:db8::1] does not accept mail\r\n"]);
+  });
+
+  it("refuses listed domains with 521 and all others with 550: never an open relay", () => {
+    const domains = parseDomainList("a.example,.b.example,[192.0.2.1]") as DomainList;
+    const s = rcpt({ domains });
+    dialog(s, "MAIL FROM:<>");
+    const to = (address: string) => dialog(s, `RCPT TO:<${address}>`)[0];
+    expect(to("u@a.example")).toBe("521 a.example does not accept mail\r\n");
+    expect(to("u@A.EXAMPLE.")).toBe("521 a.example does not accept mail\r\n");
+    expect(to("u@x.b.example")).toBe("521 x.b.example does not accept mail\r\n");
+    expect(to("u@deep.x.B.example")).toBe("521 deep.x.b.example does not accept mail\r\n");
+    expect(to("u@[192.0.2.1]")).toBe("521 [192.0.2.1] does not accept mail\r\n");
+    for (
+      const other of [
+        "u@b.example",
+        "u@x.a.example",
+        "u@a.example.org",
+        "u@other.example",
+        "u@[192.0.2.2]",
+        "u@bad_name",
+      ]
+    ) {
+      expect(to(other)).toBe("550 relaying denied\r\n");
+    }
+  });
+
+  it("checks the order of commands: 503 for RCPT and DATA before MAIL, and for a second MAIL", () => {
+    const s = rcpt();
+    expect(dialog(s, "RCPT TO:<u@x.example>", "DATA", "MAIL FROM:<a@b.example>", "MAIL FROM:<a@b.example>")).toEqual([
+      "503 bad sequence of commands\r\n",
+      "503 bad sequence of commands\r\n",
+      OK,
+      "503 bad sequence of commands\r\n",
+    ]);
+  });
+
+  it("answers DATA after MAIL with 554, never 354", () => {
+    const s = rcpt();
+    expect(dialog(s, "MAIL FROM:<a@b.example>", "RCPT TO:<u@x.example>", "DATA")).toEqual([
+      OK,
+      "521 x.example does not accept mail\r\n",
+      "554 no valid recipients\r\n",
+    ]);
+    expect(dialog(s, "Subject: hello", ".")).toEqual([
+      "500 command not recognized\r\n",
+      "500 command not recognized\r\n",
+    ]);
+  });
+
+  it("resets the transaction on RSET and on a new EHLO", () => {
+    const s = rcpt();
+    expect(dialog(s, "MAIL FROM:<>", "RSET", "RCPT TO:<u@x.example>")).toEqual([
+      OK,
+      OK,
+      "503 bad sequence of commands\r\n",
+    ]);
+    expect(dialog(s, "MAIL FROM:<>", "EHLO c", "DATA")).toEqual([OK, HELLO, "503 bad sequence of commands\r\n"]);
+  });
+
+  it.each([
+    ["MAIL FROM:a@b.example"],
+    ["MAIL TO:<a@b.example>"],
+    ["MAIL FROM:<a b@c>"],
+    ["MAIL FROM:<<a@b>>"],
+    ["MAIL"],
+  ])("answers a malformed %j with 501", (line) => {
+    expect(dialog(rcpt(), line)).toEqual(["501 syntax error in parameters or arguments\r\n"]);
+  });
+
+  it.each([["RCPT TO:u@x.example"], ["RCPT FROM:<u@x.example>"], ["RCPT TO:<>"], ["RCPT TO:<@relay.example>"], [
+    "RCPT TO:<nobody>",
+  ], ["RCPT TO:<u@é.example>"]])("answers a malformed %j after MAIL with 501", (line) => {
+    expect(dialog(rcpt(), "MAIL FROM:<>", line)[1]).toBe("501 syntax error in parameters or arguments\r\n");
+  });
+
+  it("answers RSET and NOOP with 250, and QUIT with 221 and the end", () => {
+    const s = rcpt();
+    expect(dialog(s, "RSET", "NOOP", "noop anything")).toEqual([OK, OK, OK]);
+    expect(feed(s, "QUIT \r\nNOOP\r\n")).toMatchObject({ send: CLOSING, lines: 1, end: "quit" });
+  });
+
+  it.each([
+    "VRFY postmaster",
+    "EXPN staff",
+    "HELP",
+    "STARTTLS",
+    "AUTH PLAIN AGFiYwBwdw==",
+    "BDAT 10 LAST",
+    "ETRN x",
+    "TURN",
+    "SEND FROM:<a@b>",
+    "SOML FROM:<a@b>",
+    "SAML FROM:<a@b>",
+  ])(
+    "answers %j with 502",
+    (line) => expect(dialog(rcpt(), line)).toEqual(["502 command not implemented\r\n"]),
+  );
+
+  it.each(["XYZZY", "", "   ", "MAIL-FROM:<a@b>", "QU\0IT", "RCPT\tTO:<u@x.example>", "Ã©HLO x"])(
+    "answers %j with 500",
+    (line) => expect(dialog(rcpt(), line)).toEqual(["500 command not recognized\r\n"]),
+  );
+
+  it("answers a line over 1000 octets with 500 and closes", () => {
+    expect(feed(rcpt(), "NOOP " + "x".repeat(MAX_LINE))).toMatchObject({
+      send: "500 line too long\r\n",
+      end: "too-long",
+    });
+  });
+
+  it("counts every line against --max-commands", () => {
+    expect(
+      feed(rcpt({ maxCommands: 3 }), "EHLO c\r\nMAIL FROM:<>\r\nRCPT TO:<u@x.example>\r\nRCPT TO:<v@x.example>\r\n"),
+    )
+      .toMatchObject({ lines: 3, end: "limit" });
+  });
+});
+
+// ---------------------------------------------------------------------------
+// Properties of the core, over random bytes cut at random chunk boundaries.
+// ---------------------------------------------------------------------------
+
+const PROPERTY_RUNS = 100_000;
+const encoder = new TextEncoder();
+const LINES = [
+  "\r\n",
+  "\n",
+  "\r",
+  "QUIT\r\n",
+  "quit \r\n",
+  "EHLO client.example\r\n",
+  "HELO x\r\n",
+  "MAIL FROM:<a@b.example>\r\n",
+  "MAIL FROM:<>\r\n",
+  "RCPT TO:<u@X.Example.>\r\n",
+  "RCPT TO:<@r.example:u@d.example>\r\n",
+  "RCPT TO:<u@[192.0.2.1]>\r\n",
+  "RCPT TO:<Postmaster>\r\n",
+  "DATA\r\n",
+  "RSET\r\n",
+  "VRFY root\r\n",
+  "GET / HTTP/1.1\r\n",
+  "\x16\x03\x01",
+];
+/** Random bytes, SMTP lines, recipients with random domains, and runs near the line cap. */
+const token = fc.oneof(
+  fc.uint8Array({ maxLength: 40 }),
+  fc.constantFrom(...LINES).map((line) => encoder.encode(line)),
+  fc.string({ unit: "binary-ascii", maxLength: 30 }).map((domain) => encoder.encode(`RCPT TO:<u@${domain}>\r\n`)),
+  fc.integer({ min: MAX_LINE - 12, max: MAX_LINE + 4 }).map((n) => new Uint8Array(n).fill(0x41)),
+);
+const stream = fc.record({
+  input: fc.array(token, { maxLength: 24 }).map((parts) => Uint8Array.from(parts.flatMap((p) => [...p]))),
+  cuts: fc.array(fc.nat(), { maxLength: 8 }),
+});
+
+function chunked(input: Uint8Array, cuts: number[]): Uint8Array[] {
+  const at = [...new Set(cuts.map((c) => c % (input.length + 1)))].sort((a, b) => a - b);
+  return [0, ...at].map((from, i) => input.subarray(from, i < at.length ? at[i] : input.length));
+}
+
+describe.each(["greet", "close", "rcpt"] as const)("properties of the core in %s mode", (mode) => {
+  const config: Partial<SessionConfig> = { mode, maxCommands: 12 };
+  const table = new Set(Object.values(repliesFor(NAME)));
+
+  it(`holds for ${PROPERTY_RUNS.toLocaleString("en")} random inputs cut at random`, () => {
+    fc.assert(
+      fc.property(stream, ({ input, cuts }) => {
+        const s = session(config);
+        const replies: string[] = [s.greeting.send];
+        let end = s.greeting.end;
+        let lines = 0;
+        let sinceLf = 0; // octets since the last LF fed, i.e. what a session may hold
+        let lfs = 0;
+        let lfsBeforeEnd = 0;
+        for (const chunk of chunked(input, cuts)) {
+          const step = s.receive(chunk);
+          const chunkLfs = chunk.reduce((n, byte) => n + (byte === 10 ? 1 : 0), 0);
+          const sent = step.send ? step.send.split(/(?<=\r\n)/) : [];
+          if (end) {
+            assert.deepEqual(step, { send: "", lines: 0, end: null }); // nothing after the end
+            continue;
+          }
+          lfsBeforeEnd = lfs;
+          lfs += chunkLfs;
+          lines += step.lines;
+          replies.push(...sent);
+          const lastLf = chunk.lastIndexOf(10);
+          sinceLf = lastLf < 0 ? sinceLf + chunk.length : chunk.length - lastLf - 1;
+          if (step.end) {
+            end = step.end;
+            // One reply per complete line, give or take the line that ended it.
+            const expected = step.lines + (end === "too-long" ? 1 : end === "forbidden" && step.lines ? -1 : 0);
+            assert.equal(sent.length, expected);
+            assert.ok(lines >= lfsBeforeEnd);
+            assert.ok(lines <= lfs);
+          } else {
+            assert.equal(sent.length, step.lines);
+            assert.equal(step.lines, chunkLfs); // every complete line is answered
+            assert.ok(sinceLf < MAX_LINE); // never holds 1000 octets without an end of line
+          }
+        }
+        if (!end) assert.equal(lines, lfs);
+        if (mode === "close") assert.deepEqual(replies, [REFUSE]);
+        // Every reply comes from the table; in rcpt mode a RCPT reply may name a domain
+        // that the client sent, but only checked and lower-cased.
+        const text = Buffer.from(input).toString("latin1").toLowerCase();
+        for (const reply of replies) {
+          if (table.has(reply)) continue;
+          const domain = /^(?:521|556) (\S+) does not accept mail\r\n$/.exec(reply)?.[1];
+          assert.ok(mode === "rcpt" && domain !== undefined, `reply not in the table: ${JSON.stringify(reply)}`);
+          assert.equal(checkedDomain(domain), domain);
+          assert.ok(text.includes(domain.toLowerCase()), `${domain} is not from the input`);
+        }
+        // Cutting differently changes nothing: one chunk gives the same replies and end.
+        const whole = session(config);
+        const once = whole.receive(input);
+        assert.deepEqual([whole.greeting.send, ...(once.send ? once.send.split(/(?<=\r\n)/) : [])], replies);
+        assert.equal(whole.greeting.end ?? once.end, end);
+      }),
+      { numRuns: PROPERTY_RUNS },
+    );
+  }, 120_000);
+});
+
+describe("--domains", () => {
+  it("parses names, leading-dot parents and literals", () => {
+    const list = parseDomainList(" A.example. , .B.example,[192.0.2.1]") as DomainList;
+    expect([...list.names]).toEqual(["a.example", "[192.0.2.1]"]);
+    expect([...list.parents]).toEqual(["b.example"]);
+  });
+
+  it.each([["a..b"], ["bad_name.example"], [".[192.0.2.1]"], [","], ["a.example,-x"]])("rejects %j", (text) => {
+    expect(typeof parseDomainList(text)).toBe("string");
   });
 });
 
@@ -380,6 +695,44 @@ describe.each(Object.keys(RUNTIMES) as Runtime[])("the real file on %s", (runtim
     }
   });
 
+  it("rcpt mode: 220, EHLO 250, MAIL 250, RCPT 521 or 550 by --domains, DATA 554, QUIT 221", async () => {
+    const server = await start(runtime, [
+      "--mode",
+      "rcpt",
+      "--hostname",
+      "relay.example",
+      "--domains",
+      "ntp1.example,.dns.example",
+    ]);
+    try {
+      const lines = [
+        "EHLO client.example",
+        "MAIL FROM:<a@client.example>",
+        "RCPT TO:<root@NTP1.example.>",
+        "RCPT TO:<root@ns1.dns.example>",
+        "RCPT TO:<victim@elsewhere.example>",
+        "DATA",
+        "QUIT",
+      ];
+      const got = await talk(server.port, lines.map((l) => `${l}\r\n`).join(""));
+      expect(got.text.split("\r\n")).toEqual([
+        "220 relay.example ESMTP refuses all mail",
+        "250 relay.example",
+        "250 OK",
+        "521 ntp1.example does not accept mail",
+        "521 ns1.dns.example does not accept mail",
+        "550 relaying denied",
+        "554 no valid recipients",
+        "221 relay.example closing connection",
+        "",
+      ]);
+      expect(got.ending).toBe("fin");
+      await server.waitFor(/event=session .* mode=rcpt .* lines=7 end=quit$/);
+    } finally {
+      await server.stop();
+    }
+  });
+
   it("exits 0 on SIGTERM with a summary line", async () => {
     const server = await start(runtime);
     await talk(server.port, "QUIT\r\n");
@@ -430,6 +783,74 @@ describe("real clients against a 521 greeting", () => {
       const transport = nodemailer.createTransport({ host: "127.0.0.1", port: server.port, secure: false });
       const sent = transport.sendMail({ from: "a@client.example", to: "b@ntp1.example.org", text: "hello" });
       await expect(sent).rejects.toMatchObject({ code: "EPROTOCOL", responseCode: 521, command: "CONN" });
+    } finally {
+      await server.stop();
+    }
+  });
+});
+
+describe("real clients against rcpt mode", () => {
+  const smtplibSend = (port: number) =>
+    run("python3", [
+      "-c",
+      [
+        "import smtplib",
+        `s = smtplib.SMTP('127.0.0.1', ${port}, timeout=5)`,
+        "try:",
+        "    s.sendmail('a@client.example', ['root@ntp1.example'], 'Subject: hi\\r\\n\\r\\nhello\\r\\n')",
+        "except smtplib.SMTPRecipientsRefused as e:",
+        "    code, text = e.recipients['root@ntp1.example']",
+        "    print(type(e).__name__, code, text.decode())",
+        "s.quit()",
+      ].join("\n"),
+    ]);
+
+  it("Python smtplib raises SMTPRecipientsRefused with 521", async () => {
+    const server = await start("node", ["--mode", "rcpt", "--hostname", "relay.example"]);
+    try {
+      expect((await smtplibSend(server.port)).stdout).toBe(
+        "SMTPRecipientsRefused 521 ntp1.example does not accept mail\n",
+      );
+      await server.waitFor(/event=session .* end=quit$/);
+    } finally {
+      await server.stop();
+    }
+  });
+
+  it("Python smtplib raises SMTPRecipientsRefused with 556 under --rcpt-code 556", async () => {
+    const server = await start("node", ["--mode", "rcpt", "--rcpt-code", "556"]);
+    try {
+      expect((await smtplibSend(server.port)).stdout).toBe(
+        "SMTPRecipientsRefused 556 ntp1.example does not accept mail\n",
+      );
+    } finally {
+      await server.stop();
+    }
+  });
+
+  it("curl's smtp:// exits 55", async () => {
+    const server = await start("node", ["--mode", "rcpt"]);
+    try {
+      const url = `smtp://127.0.0.1:${server.port}`;
+      const args = ["-sS", url, "--mail-from", "a@client.example", "--mail-rcpt", "root@ntp1.example", "-T", "-"];
+      const got = await run("curl", args, { input: "Subject: hi\r\n\r\nhello\r\n" });
+      expect(got.code).toBe(55);
+      expect(got.stderr).toContain("521");
+    } finally {
+      await server.stop();
+    }
+  });
+
+  it("nodemailer sending to a listed domain fails with EENVELOPE and the 521", async () => {
+    const server = await start("node", ["--mode", "rcpt", "--domains", "ntp1.example"]);
+    try {
+      const transport = nodemailer.createTransport({ host: "127.0.0.1", port: server.port, secure: false });
+      const sent = transport.sendMail({ from: "a@client.example", to: "root@ntp1.example", text: "hello" });
+      await expect(sent).rejects.toMatchObject({
+        code: "EENVELOPE",
+        responseCode: 521,
+        response: "521 ntp1.example does not accept mail",
+      });
     } finally {
       await server.stop();
     }
