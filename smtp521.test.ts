@@ -5,14 +5,13 @@
 
 import assert from "node:assert/strict";
 import { Buffer } from "node:buffer";
-import { type ChildProcess, execFile, spawn } from "node:child_process";
 import { readFileSync } from "node:fs";
-import { connect, createServer, type Socket } from "node:net";
-import { dirname, join } from "node:path";
-import { fileURLToPath } from "node:url";
+import { createServer } from "node:net";
+import { join } from "node:path";
 import fc from "fast-check";
 import nodemailer from "nodemailer";
 import { describe, expect, it } from "vitest";
+import { FILE, greeting, ROOT, run, type Runtime, RUNTIMES, start, talk } from "./test/helpers.ts";
 import {
   checkedDomain,
   createSession,
@@ -26,10 +25,6 @@ import {
   USAGE,
   VERSION,
 } from "./smtp521.ts";
-
-const ROOT = dirname(fileURLToPath(import.meta.url));
-const FILE = join(ROOT, "smtp521.ts");
-const BIN = join(ROOT, "node_modules", ".bin");
 
 // ---------------------------------------------------------------------------
 // The session core, with no network.
@@ -509,124 +504,6 @@ describe("options", () => {
 // The real file, spawned on each runtime.
 // ---------------------------------------------------------------------------
 
-const RUNTIMES = {
-  node: [join(BIN, "node"), FILE],
-  deno: [join(BIN, "deno"), "run", "--allow-net", "--no-prompt", FILE],
-  bun: [join(BIN, "bun"), FILE],
-} as const;
-type Runtime = keyof typeof RUNTIMES;
-
-interface Running {
-  readonly child: ChildProcess;
-  readonly port: number;
-  /** Every stderr line so far. */
-  readonly log: string[];
-  /** Wait for a stderr line matching `pattern`. */
-  waitFor(pattern: RegExp, ms?: number): Promise<string>;
-  /** Send a signal and wait for the exit code. */
-  stop(signal?: NodeJS.Signals): Promise<number | null>;
-}
-
-/** Spawn the real file with `--port 0` (unless listening elsewhere) and read the port from its start line. */
-async function start(runtime: Runtime, args: string[] = []): Promise<Running> {
-  const [command, ...pre] = RUNTIMES[runtime];
-  const listen = args.some((a) => a === "--listen" || a === "--port") ? [] : ["--port", "0"];
-  const child = spawn(command, [...pre, ...listen, ...args], { stdio: ["ignore", "pipe", "pipe"] });
-  const log: string[] = [];
-  const waiters = new Set<() => void>();
-  let partial = "";
-  child.stderr!.setEncoding("utf8").on("data", (text: string) => {
-    const lines = (partial + text).split("\n");
-    partial = lines.pop()!;
-    log.push(...lines);
-    for (const wake of waiters) wake();
-  });
-  const exited = new Promise<number | null>((resolve) => child.on("exit", (code) => resolve(code)));
-  function waitFor(pattern: RegExp, ms = 10_000): Promise<string> {
-    return new Promise((resolve, reject) => {
-      const check = () => {
-        const line = log.find((l) => pattern.test(l));
-        if (line === undefined) return;
-        waiters.delete(check);
-        clearTimeout(timer);
-        resolve(line);
-      };
-      const timer = setTimeout(() => {
-        waiters.delete(check);
-        reject(new Error(`no stderr line ${pattern} in ${ms} ms; got:\n${log.join("\n")}`));
-      }, ms);
-      waiters.add(check);
-      check();
-    });
-  }
-  const startLine = await waitFor(/event=start /);
-  const port = Number(/listen=\S*?:(\d+)/.exec(startLine)![1]);
-  return {
-    child,
-    port,
-    log,
-    waitFor,
-    stop: (signal = "SIGTERM") => {
-      if (child.exitCode === null) child.kill(signal);
-      return exited;
-    },
-  };
-}
-
-interface Talk {
-  /** Everything the server sent. */
-  readonly text: string;
-  /** How it ended: the server's FIN, a reset, or our own time-out. */
-  readonly ending: "fin" | "reset" | "timeout";
-  readonly ms: number;
-}
-
-/**
- * Connect, optionally wait for the greeting, write `send`, and read until
- * the server closes (bounded by `ms`).
- */
-function talk(
-  port: number,
-  send: string | Uint8Array = "",
-  { host = "127.0.0.1", ms = 5000, afterGreeting = true } = {},
-): Promise<Talk> {
-  return new Promise((resolve) => {
-    const begun = Date.now();
-    const socket = connect({ host, port });
-    let text = "";
-    let sent = false;
-    const done = (ending: Talk["ending"]) => {
-      clearTimeout(timer);
-      socket.destroy();
-      resolve({ text, ending, ms: Date.now() - begun });
-    };
-    const timer = setTimeout(() => done("timeout"), ms);
-    const write = () => {
-      if (sent) return;
-      sent = true;
-      if (send.length) socket.write(send);
-    };
-    socket.on("connect", () => afterGreeting || write());
-    socket.on("data", (chunk) => {
-      text += chunk.toString("latin1");
-      if (afterGreeting) write();
-    });
-    socket.on("end", () => done("fin"));
-    socket.on("error", () => done("reset"));
-  });
-}
-
-const run = (command: string, args: string[], options: { input?: string; timeout?: number } = {}) =>
-  new Promise<{ code: number | null; stdout: string; stderr: string }>((resolve) => {
-    const child = execFile(command, args, { timeout: options.timeout ?? 20_000 }, (error, stdout, stderr) => {
-      const code = error ? (typeof error.code === "number" ? error.code : null) : 0;
-      resolve({ code, stdout, stderr });
-    });
-    child.stdin!.end(options.input ?? "");
-  });
-
-const greeting = (name: string) => `521 ${name} does not accept mail\r\n`;
-
 describe.each(Object.keys(RUNTIMES) as Runtime[])("the real file on %s", (runtime) => {
   it("greets 521 before reading, answers every command 521 and QUIT 221, then sends FIN", async () => {
     const server = await start(runtime, ["--hostname", "ntp1.example.org"]);
@@ -926,19 +803,5 @@ describe("the command line", () => {
     expect(got.stderr).toMatch(
       /^smtp521: cannot listen on \[::\]:25: EACCES; .*root.*CAP_NET_BIND_SERVICE.*port above 1023\n$/,
     );
-  });
-});
-
-// A client of the helpers above, so a broken helper cannot pass silently.
-describe("test helpers", () => {
-  it("talk() reports a reset as a reset, not a FIN", async () => {
-    const server = createServer((socket: Socket) => socket.resetAndDestroy());
-    await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
-    const port = (server.address() as { port: number }).port;
-    try {
-      expect((await talk(port, "", { afterGreeting: false })).ending).toBe("reset");
-    } finally {
-      server.close();
-    }
   });
 });

@@ -486,7 +486,7 @@ const DEFAULTS = {
 
 // Deno's permission API, where present (SPEC §5: never prompt, fall back quietly).
 interface DenoGlobal {
-  permissions: { querySync(descriptor: { name: string; kind?: string; variable?: string }): { state: string } };
+  permissions: { querySync(descriptor: PermissionQuery): { state: string } };
   version: { deno: string };
 }
 const deno = (globalThis as unknown as { Deno?: DenoGlobal }).Deno;
@@ -497,7 +497,9 @@ export const RUNTIME = deno
   ? `bun/${bun.version}`
   : `node/${process.versions.node}`;
 
-function mayRead(descriptor: { name: string; kind?: string; variable?: string }): boolean {
+type PermissionQuery = { name: string; kind?: string; variable?: string; path?: string };
+
+function mayRead(descriptor: PermissionQuery): boolean {
   return !deno || deno.permissions.querySync(descriptor).state === "granted";
 }
 
@@ -556,24 +558,34 @@ export async function serve(options: ServeOptions = {}): Promise<Smtp521Server> 
   const ended: Record<string, number> = {};
   let open = 0;
   let overloaded = 0;
-  let lastFdWarning = 0;
+  let lastWarning = 0;
+  const room = descriptorRoom();
 
   function accept(socket: Socket) {
+    const started = Date.now();
     const ip = socket.remoteAddress && plainAddress(socket.remoteAddress);
     const local = socket.localAddress;
-    if (!ip || !local) return socket.destroy(); // reset before it was accepted
+    const remote = ip ? hostPort(ip, socket.remotePort ?? 0) : "-";
+    const localPort = socket.localPort ?? 0;
+    const logSession = (end: EndReason, lines: number) => {
+      ended[end] = (ended[end] ?? 0) + 1;
+      o.log("session", { remote, local_port: localPort, mode: o.mode, duration_ms: Date.now() - started, lines, end });
+    };
+    if (!ip || !local) { // reset while it waited to be accepted
+      socket.destroy();
+      return logSession("reset", 0);
+    }
     socket.setNoDelay(true);
     const serverName = name?.value ?? addressLiteral(local);
     const fromIp = perIp.get(ip) ?? 0;
     const over = open >= o.maxConnections || fromIp >= o.maxPerIp;
-    if (over && overloaded >= o.maxConnections) {
+    if (open + overloaded >= room) warn("EMFILE", `near the descriptor limit: ${open + overloaded} sockets open`);
+    if ((over && overloaded >= o.maxConnections) || open + overloaded >= room) {
       // SPEC §4: even the lingering of refusals is bounded; past it, greet and drop.
       socket.on("error", () => {});
-      return void socket.end(repliesFor(serverName).refuse, () => socket.destroy());
+      socket.end(repliesFor(serverName).refuse, () => socket.destroy());
+      return logSession("overload", 0);
     }
-    const started = Date.now();
-    const remote = hostPort(ip, socket.remotePort ?? 0);
-    const localPort = socket.localPort ?? 0;
     if (over) overloaded++;
     else {
       open++;
@@ -589,26 +601,19 @@ export async function serve(options: ServeOptions = {}): Promise<Smtp521Server> 
         if (left) perIp.set(ip, left);
         else perIp.delete(ip);
       }
-      ended[end] = (ended[end] ?? 0) + 1;
-      o.log("session", {
-        remote,
-        local_port: localPort,
-        mode: o.mode,
-        duration_ms: Date.now() - started,
-        lines,
-        end,
-      });
+      logSession(end, lines);
     });
     live.add(stop);
   }
 
-  /** SPEC §4: out of descriptors, say so at most once a second and keep serving. */
-  function acceptFailed(error: NodeJS.ErrnoException) {
+  /** SPEC §4: trouble accepting (out of descriptors) is logged at most once a second. */
+  function warn(error: string, detail: string) {
     const now = Date.now();
-    if (now - lastFdWarning < 1000) return;
-    lastFdWarning = now;
-    o.log("error", { error: error.code ?? "accept", detail: error.message });
+    if (now - lastWarning < 1000) return;
+    lastWarning = now;
+    o.log("error", { error, detail });
   }
+  const acceptFailed = (error: NodeJS.ErrnoException) => warn(error.code ?? "accept", error.message);
 
   const servers: Server[] = [];
   const addresses: AddressInfo[] = [];
@@ -635,6 +640,24 @@ export async function serve(options: ServeOptions = {}): Promise<Smtp521Server> 
 
   const nameInfo = name ?? { value: "[local address of each connection]", source: "local-address" };
   return { addresses, name: nameInfo, connections: () => open + overloaded, close };
+}
+
+/** Descriptors the runtime itself holds (event loop, stdio, workers), measured at about 25. */
+const RESERVED_DESCRIPTORS = 32;
+
+/**
+ * How many sockets fit under the descriptor limit (Linux, where it may be
+ * read). Staying under it keeps the accept loop off EMFILE, which Node
+ * absorbs silently and which stops Deno's node:net listener for good.
+ */
+function descriptorRoom(): number {
+  if (!mayRead({ name: "read", path: "/proc/self/limits" })) return Infinity;
+  try {
+    const limit = /^Max open files\s+(\d+)/m.exec(readFileSync("/proc/self/limits", "latin1"))?.[1];
+    return limit ? Number(limit) - RESERVED_DESCRIPTORS : Infinity;
+  } catch {
+    return Infinity;
+  }
 }
 
 function describeListen(where: ListenAddress): string {

@@ -2,7 +2,7 @@ import { defineConfig } from "vitest/config";
 
 export default defineConfig({
   test: {
-    include: ["*.test.ts"],
+    include: ["*.test.ts", "test/*.test.ts"],
     testTimeout: 30_000,
     hookTimeout: 30_000,
   },
