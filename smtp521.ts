@@ -33,7 +33,7 @@ import { readFileSync } from "node:fs";
 import { hostname as systemHostname } from "node:os";
 import process from "node:process";
 import { Duplex } from "node:stream";
-import { clearTimeout, setImmediate, setTimeout } from "node:timers";
+import { clearInterval, setImmediate, setInterval, setTimeout } from "node:timers";
 import { parseArgs } from "node:util";
 
 export const VERSION = "1.0.0";
@@ -72,7 +72,20 @@ export function rcptRefusal(code: RcptCode, domain: string): string {
   return `${code} ${domain} does not accept mail\r\n`;
 }
 
+/** Replies by server name: a handful of names (one, or one per local address). */
+const replyCache = new Map<string, Replies>();
+
 export function repliesFor(name: string): Replies {
+  let replies = replyCache.get(name);
+  if (!replies) {
+    if (replyCache.size >= 64) replyCache.clear();
+    replies = buildReplies(name);
+    replyCache.set(name, replies);
+  }
+  return replies;
+}
+
+function buildReplies(name: string): Replies {
   return Object.freeze({
     refuse: `521 ${name} does not accept mail\r\n`,
     closing: `221 ${name} closing connection\r\n`,
@@ -385,33 +398,63 @@ interface Conduit {
   once(event: "drain", listener: () => void): void;
 }
 
+/** A session as the sweeper sees it: when it expires, and how to stop it. */
+interface Deadline {
+  at: number;
+  expire: () => void;
+  readonly stop: (reason: EndReason) => void;
+}
+
+/**
+ * Every session's time-out on one interval timer, not a timer each: a
+ * Timeout costs about 2 KB per connection on Deno. It runs only while a
+ * session is open, so a finished stdio session lets the process exit.
+ */
+function deadlineSweeper(timeoutMs: number) {
+  const periodMs = Math.max(20, Math.min(timeoutMs, LINGER_MS) / 10); // 200 ms at the defaults
+  const sessions = new Set<Deadline>();
+  let timer: ReturnType<typeof setInterval> | undefined;
+  const sweep = () => {
+    const now = Date.now();
+    for (const session of sessions) if (session.at <= now) session.expire();
+    if (sessions.size === 0) timer = void clearInterval(timer);
+  };
+  const add = (session: Deadline) => {
+    sessions.add(session);
+    timer ??= setInterval(sweep, periodMs);
+  };
+  return { sessions, add };
+}
+type Sweeper = ReturnType<typeof deadlineSweeper>;
+
 /**
  * Run one session over a conduit: write what the core says, pause reading
  * while the peer does not read, keep the idle time-out from the last complete
- * line (RFC 5321 §4.5.3.2.7), and close lingering (SPEC §4). Returns a
- * function that closes the session at once (for shutdown).
+ * line (RFC 5321 §4.5.3.2.7), and close lingering (SPEC §4).
  */
 function converse(
   conduit: Conduit,
   session: Session,
   idleMs: number,
+  sweeper: Sweeper,
   onClose: (end: EndReason, lines: number) => void,
-): (reason: EndReason) => void {
+): void {
   let lines = 0;
   let end: EndReason | null = null;
   const stop = (reason: EndReason) => {
     end ??= reason;
     conduit.destroy();
   };
-  let timer = setTimeout(stop, idleMs, "timeout");
+  const deadline: Deadline = { at: Date.now() + idleMs, expire: () => stop("timeout"), stop };
+  sweeper.add(deadline);
 
   const linger = (reason: EndReason) => {
     if (end) return;
     end = reason;
-    clearTimeout(timer);
     conduit.end();
     conduit.resume(); // discard late bytes, so no reset destroys the reply in flight
-    timer = setTimeout(() => conduit.destroy(), LINGER_MS);
+    deadline.at = Date.now() + LINGER_MS;
+    deadline.expire = () => conduit.destroy();
   };
 
   const take = (step: Step) => {
@@ -421,18 +464,17 @@ function converse(
       conduit.once("drain", () => conduit.resume());
     }
     if (step.end) linger(step.end);
-    else if (step.lines) timer.refresh();
+    else if (step.lines) deadline.at = Date.now() + idleMs;
   };
 
   conduit.on("data", (chunk) => take(session.receive(chunk)));
   conduit.on("end", () => linger("client-closed"));
   conduit.on("error", () => stop("reset"));
   conduit.on("close", () => {
-    clearTimeout(timer);
+    sweeper.sessions.delete(deadline);
     onClose(end ?? "reset", lines);
   });
   take(session.greeting);
-  return stop;
 }
 
 /** Where to listen: an address and port ("" = every address), or an inherited socket. */
@@ -554,7 +596,7 @@ export async function serve(options: ServeOptions = {}): Promise<Smtp521Server> 
   const name = fixedName(o.hostname);
   const config = { mode: o.mode, maxCommands: o.maxCommands, rcptCode: o.rcptCode, domains: o.domains };
   const perIp = new Map<string, number>();
-  const live = new Set<(reason: EndReason) => void>();
+  const sweeper = deadlineSweeper(o.timeoutMs);
   const ended: Record<string, number> = {};
   let open = 0;
   let overloaded = 0;
@@ -592,8 +634,7 @@ export async function serve(options: ServeOptions = {}): Promise<Smtp521Server> 
       perIp.set(ip, fromIp + 1);
     }
     const session = over ? overloadSession(serverName) : createSession({ ...config, name: serverName });
-    const stop = converse(socket, session, o.timeoutMs, (end, lines) => {
-      live.delete(stop);
+    converse(socket, session, o.timeoutMs, sweeper, (end, lines) => {
       if (over) overloaded--;
       else {
         open--;
@@ -603,7 +644,6 @@ export async function serve(options: ServeOptions = {}): Promise<Smtp521Server> 
       }
       logSession(end, lines);
     });
-    live.add(stop);
   }
 
   /** SPEC §4: trouble accepting (out of descriptors) is logged at most once a second. */
@@ -633,7 +673,7 @@ export async function serve(options: ServeOptions = {}): Promise<Smtp521Server> 
     for (const server of servers) server.close();
     const deadline = Date.now() + drainMs;
     while (open + overloaded > 0 && Date.now() < deadline) await sleep(50);
-    for (const stop of live) stop("shutdown");
+    for (const session of sweeper.sessions) session.stop("shutdown");
     while (open + overloaded > 0) await sleep(10);
     return ended;
   }
@@ -687,9 +727,9 @@ export function serveStdio(options: StdioOptions = {}): { done: Promise<EndReaso
   const conduit = Duplex.from({ readable: process.stdin, writable: process.stdout });
   const session = createSession({ ...o, name });
   const started = Date.now();
-  let stop: (reason: EndReason) => void = () => {};
+  const sweeper = deadlineSweeper(o.timeoutMs);
   const done = new Promise<EndReason>((resolve) => {
-    stop = converse(conduit, session, o.timeoutMs, (end, lines) => {
+    converse(conduit, session, o.timeoutMs, sweeper, (end, lines) => {
       o.log("session", {
         remote: remoteIp ? hostPort(plainAddress(remoteIp), remotePort) : "-",
         local_port: localPort,
@@ -701,7 +741,7 @@ export function serveStdio(options: StdioOptions = {}): { done: Promise<EndReaso
       resolve(end);
     });
   });
-  return { done, stop: (reason) => stop(reason) };
+  return { done, stop: (reason) => sweeper.sessions.forEach((session) => session.stop(reason)) };
 }
 
 /** SPEC §5: the name for a stdio session, from the best source the runtime allows. */

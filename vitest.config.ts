@@ -5,5 +5,7 @@ export default defineConfig({
     include: ["*.test.ts", "test/*.test.ts"],
     testTimeout: 30_000,
     hookTimeout: 30_000,
+    // One file at a time: the stress and timing tests measure the machine, not each other.
+    fileParallelism: false,
   },
 });

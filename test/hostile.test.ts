@@ -131,7 +131,7 @@ describe("faults never crash and never leak (in process)", () => {
     await Promise.all(scenarios);
     await until(() => running.server.connections() === 0, 5000, "every socket to close");
     await after(50);
-    const ends = running.sessions().map((s) => s.end);
+    const ends = running.sessions().map((s) => String(s.end));
     expect(ends).toHaveLength(100);
     expect(ends.filter((e) => e === "client-closed").length).toBeGreaterThanOrEqual(20);
     expect(ends.every((e) => ["reset", "client-closed", "quit", "limit"].includes(e)), ends.join()).toBe(true);
