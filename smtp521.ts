@@ -27,9 +27,9 @@
 
 import { Buffer } from "node:buffer";
 import { isIP, isIPv4, isIPv6 } from "node:net";
-import type { AddressInfo, Server, Socket } from "node:net";
-import { createServer } from "node:net";
-import { readFileSync } from "node:fs";
+import type { AddressInfo, Server } from "node:net";
+import { createServer, Socket } from "node:net";
+import { fstatSync, readFileSync } from "node:fs";
 import { hostname as systemHostname } from "node:os";
 import process from "node:process";
 import { Duplex } from "node:stream";
@@ -718,13 +718,13 @@ export type StdioOptions = Pick<
  */
 export function serveStdio(options: StdioOptions = {}): { done: Promise<EndReason>; stop(reason: EndReason): void } {
   const o = { ...DEFAULTS, ...options };
-  // Node and Bun give stdin as a socket under inetd; else tcpserver's and systemd's variables.
-  const stdin = process.stdin as Partial<Socket>;
-  const remoteIp = stdin.remoteAddress ?? readEnv("TCPREMOTEIP") ?? readEnv("REMOTE_ADDR") ?? readEnv("REMOTE_HOST");
-  const remotePort = stdin.remotePort ?? readEnv("TCPREMOTEPORT") ?? readEnv("REMOTE_PORT") ?? "-";
-  const localPort = stdin.localPort ?? readEnv("TCPLOCALPORT") ?? "-";
-  const name = stdioName(o.hostname, o.log);
-  const conduit = Duplex.from({ readable: process.stdin, writable: process.stdout });
+  const conduit = stdioConduit();
+  // The socket's own addresses where it has them; else tcpserver's and systemd's variables.
+  const ends: Partial<Socket> = conduit instanceof Socket ? conduit : {};
+  const remoteIp = ends.remoteAddress ?? readEnv("TCPREMOTEIP") ?? readEnv("REMOTE_ADDR") ?? readEnv("REMOTE_HOST");
+  const remotePort = ends.remotePort ?? readEnv("TCPREMOTEPORT") ?? readEnv("REMOTE_PORT") ?? "-";
+  const localPort = ends.localPort ?? readEnv("TCPLOCALPORT") ?? "-";
+  const name = stdioName(o.hostname, ends.localAddress, o.log);
   const session = createSession({ ...o, name });
   const started = Date.now();
   const sweeper = deadlineSweeper(o.timeoutMs);
@@ -744,11 +744,23 @@ export function serveStdio(options: StdioOptions = {}): { done: Promise<EndReaso
   return { done, stop: (reason) => sweeper.sessions.forEach((session) => session.stop(reason)) };
 }
 
+/**
+ * Where stdin and stdout are one socket (inetd, systemd `Accept=yes`, socat),
+ * that socket, for its addresses and a real half-close; else stdin and stdout
+ * joined. Bun cannot open descriptor 0 as a socket, so it takes the join.
+ */
+function stdioConduit(): Socket | Duplex {
+  const [input, output] = [fstatSync(0), fstatSync(1)];
+  const oneSocket = input.isSocket() && input.dev === output.dev && input.ino === output.ino;
+  if (oneSocket && !bun) return new Socket({ fd: 0, readable: true, writable: true });
+  return Duplex.from({ readable: process.stdin, writable: process.stdout });
+}
+
 /** SPEC §5: the name for a stdio session, from the best source the runtime allows. */
-function stdioName(hostname: string | undefined, log: Log): string {
+function stdioName(hostname: string | undefined, localAddress: string | undefined, log: Log): string {
   const fixed = fixedName(hostname);
   if (fixed) return fixed.value;
-  const local = (process.stdin as Partial<Socket>).localAddress ?? readEnv("TCPLOCALIP");
+  const local = localAddress ?? readEnv("TCPLOCALIP");
   if (local && isIP(plainAddress(local))) return addressLiteral(local);
   const named = checkedDomain(readEnv("TCPLOCALHOST") ?? "") ?? systemName();
   if (named) return named;
@@ -981,14 +993,14 @@ const LISTEN_FIXES: Record<string, string> = {
 };
 
 /** `--user NAME[:GROUP]`: supplementary groups, gid, then uid, after binding (Node, Bun). */
-function dropPrivileges(spec: string): string {
+function dropPrivileges(spec: string): Record<string, string | number> {
   const [user, group] = spec.split(":");
   const gid = group ?? primaryGroup(user);
-  if (gid === undefined) throw new Error(`--user: "${user}" is not in /etc/passwd; give NAME:GROUP`);
+  if (gid === undefined) throw new Error(`"${user}" is not in /etc/passwd; give NAME:GROUP`);
   process.initgroups!(user, gid);
   process.setgid!(gid);
   process.setuid!(user);
-  return `uid=${process.getuid!()} gid=${process.getgid!()} groups=${process.getgroups!().join(",")}`;
+  return { uid: process.getuid!(), gid: process.getgid!(), groups: process.getgroups!().join(",") };
 }
 
 function primaryGroup(user: string): number | undefined {
@@ -1002,9 +1014,17 @@ function say(text: string, code: number): Promise<number> {
   return new Promise((resolve) => process.stderr.write(`smtp521: ${text}\n`, () => resolve(code)));
 }
 
-function signalled(): Promise<string> {
+/** The first SIGTERM or SIGINT resolves; each later one calls `again` (stop draining). */
+function signalled(again: () => void): Promise<string> {
   return new Promise((resolve) => {
-    for (const signal of ["SIGTERM", "SIGINT"] as const) process.once(signal, () => resolve(signal));
+    let first = true;
+    for (const signal of ["SIGTERM", "SIGINT"] as const) {
+      process.on(signal, () => {
+        if (first) resolve(signal);
+        else again();
+        first = false;
+      });
+    }
   });
 }
 
@@ -1033,7 +1053,8 @@ export async function main(args: readonly string[]): Promise<number> {
 
   if (options.stdio) {
     const session = serveStdio(common);
-    signalled().then(() => session.stop("shutdown"));
+    const stop = () => session.stop("shutdown");
+    signalled(stop).then(stop);
     await session.done;
     await flush();
     return 0;
@@ -1051,7 +1072,7 @@ export async function main(args: readonly string[]): Promise<number> {
     await flush();
     return 1;
   }
-  let ids = "";
+  let ids = {};
   if (options.user) {
     try {
       ids = dropPrivileges(options.user);
@@ -1067,10 +1088,10 @@ export async function main(args: readonly string[]): Promise<number> {
     name: server.name.value,
     name_source: server.name.source,
     listen: server.addresses.map((a) => hostPort(a.address, a.port)).join(","),
-    ...(ids ? { ids } : {}),
+    ...ids,
     pid: process.pid,
   });
-  const signal = await signalled();
+  const signal = await signalled(() => server.close(0));
   const ended = await server.close(options.drainMs);
   const total = Object.values(ended).reduce((sum, n) => sum + n, 0);
   log("stop", { signal, sessions: total, ...ended });

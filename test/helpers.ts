@@ -27,13 +27,19 @@ export interface Running {
   waitFor(pattern: RegExp, ms?: number): Promise<string>;
   /** Send a signal and wait for the exit code. */
   stop(signal?: NodeJS.Signals): Promise<number | null>;
+  /** The exit code, once the process has exited. */
+  readonly exited: Promise<number | null>;
 }
 
-/** Spawn the real file with `--port 0` (unless listening elsewhere) and read the port from its start line. */
-export async function start(runtime: Runtime, args: string[] = []): Promise<Running> {
-  const [command, ...pre] = RUNTIMES[runtime];
+/**
+ * Spawn the real file with `--port 0` (unless listening elsewhere), under
+ * `wrap` (e.g. systemd-socket-activate) if given, and read the port from its
+ * start line.
+ */
+export async function start(runtime: Runtime, args: string[] = [], wrap: string[] = []): Promise<Running> {
   const listen = args.some((a) => a === "--listen" || a === "--port") ? [] : ["--port", "0"];
-  const child = spawn(command, [...pre, ...listen, ...args], { stdio: ["ignore", "pipe", "pipe"] });
+  const [command, ...rest] = [...wrap, ...RUNTIMES[runtime], ...listen, ...args];
+  const child = spawn(command, rest, { stdio: ["ignore", "pipe", "pipe"] });
   const log: string[] = [];
   const waiters = new Set<() => void>();
   let partial = "";
@@ -61,13 +67,14 @@ export async function start(runtime: Runtime, args: string[] = []): Promise<Runn
       check();
     });
   }
-  const startLine = await waitFor(/event=start /);
-  const port = Number(/listen=\S*?:(\d+)/.exec(startLine)![1]);
+  const startLine = await waitFor(/event=start |"event":"start"/);
+  const port = Number(/listen(?:=|":")[^\s",]*:(\d+)/.exec(startLine)![1]);
   return {
     child,
     port,
     log,
     waitFor,
+    exited,
     stop: (signal = "SIGTERM") => {
       if (child.exitCode === null) child.kill(signal);
       return exited;

@@ -1,0 +1,384 @@
+// Operations (SPEC §5, §6): stdio under inetd-style launchers, systemd socket
+// activation, privilege drop, log formats, signals, and the shipped examples,
+// each run for real on this machine.
+
+import { spawn, spawnSync } from "node:child_process";
+import { mkdtempSync, readdirSync, readFileSync, writeFileSync } from "node:fs";
+import { connect, createServer } from "node:net";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { describe, expect, it } from "vitest";
+import { BIN, FILE, greeting, ROOT, run, type Runtime, RUNTIMES, start, talk } from "./helpers.ts";
+
+const NAME = "mail.example.org"; // the name the examples use
+const CLOSING = `221 ${NAME} closing connection\r\n`;
+const EXAMPLES = join(ROOT, "examples");
+const ALL = Object.keys(RUNTIMES) as Runtime[];
+
+/** The flags an example passes to smtp521.ts, read from its ExecStart= line. */
+function exampleFlags(unit: string): string[] {
+  const exec = /^ExecStart=(.*)$/m.exec(readFileSync(join(EXAMPLES, unit), "utf8"))![1];
+  return exec.split(/\s+/).slice(exec.split(/\s+/).findIndex((word) => word.endsWith("smtp521.ts")) + 1);
+}
+
+/** A port that was free a moment ago, for launchers that bind it themselves. */
+async function freePort(): Promise<number> {
+  const server = createServer().listen(0, "127.0.0.1");
+  await new Promise((resolve) => server.once("listening", resolve));
+  const { port } = server.address() as { port: number };
+  await new Promise((resolve) => server.close(resolve));
+  return port;
+}
+
+/** Run `command` (a launcher that binds `port`), talk to it once, and return the talk and its stderr. */
+async function launch(command: string[], port: number, send: string) {
+  const child = spawn(command[0], command.slice(1), { stdio: ["ignore", "ignore", "pipe"] });
+  let stderr = "";
+  child.stderr!.on("data", (chunk) => (stderr += chunk));
+  try {
+    const deadline = Date.now() + 10_000;
+    let got = await talk(port, send);
+    while (got.ending === "reset" && got.text === "" && Date.now() < deadline) { // not listening yet
+      await new Promise((resolve) => setTimeout(resolve, 100));
+      got = await talk(port, send);
+    }
+    await new Promise((resolve) => setTimeout(resolve, 300)); // let the session's log line arrive
+    return { got, stderr };
+  } finally {
+    child.kill("SIGTERM");
+  }
+}
+
+const has = (tool: string) => spawnSync("sh", ["-c", `command -v ${tool}`]).status === 0;
+
+describe("--stdio: one session on standard input and output", () => {
+  it.each(ALL)("on %s over pipes: replies on stdout only, the log line on stderr", async (runtime) => {
+    const [command, ...pre] = RUNTIMES[runtime];
+    const got = spawnSync(command, [...pre, "--stdio", "--hostname", NAME], {
+      input: "EHLO client.example\r\nQUIT\r\n",
+      encoding: "latin1",
+      timeout: 15_000,
+    });
+    expect(got.status).toBe(0);
+    expect(got.stdout).toBe(greeting(NAME).repeat(2) + CLOSING);
+    expect(got.stderr).toMatch(
+      /^time=\S+ event=session remote=- local_port=- mode=greet duration_ms=\d+ lines=2 end=quit\n$/,
+    );
+  });
+
+  it.each(ALL)("on %s under systemd Accept=yes (the inetd example): the socket's addresses", async (runtime) => {
+    const port = await freePort();
+    const [command, ...pre] = RUNTIMES[runtime];
+    const launcher = ["systemd-socket-activate", "--accept", "--inetd", "-l", `127.0.0.1:${port}`];
+    const { got, stderr } = await launch(
+      [...launcher, command, ...pre, ...exampleFlags("smtp521-inetd@.service")],
+      port,
+      "NOOP\r\nQUIT\r\n",
+    );
+    expect(got.text).toBe(greeting(NAME).repeat(2) + CLOSING);
+    // Node and Deno open descriptor 0 as the socket and log its peer; Bun cannot, and logs "-".
+    const remote = runtime === "bun" ? "-" : "127\\.0\\.0\\.1:\\d+";
+    const localPort = runtime === "bun" ? "-" : String(port);
+    expect(stderr).toMatch(
+      new RegExp(`event=session remote=${remote} local_port=${localPort} mode=greet .* lines=2 end=quit`),
+    );
+  });
+
+  it.each(ALL)(
+    "on %s under systemd Accept=yes without --hostname: names itself by the local address",
+    async (runtime) => {
+      const port = await freePort();
+      const [command, ...pre] = RUNTIMES[runtime];
+      const launcher = ["systemd-socket-activate", "--accept", "--inetd", "-l", `127.0.0.1:${port}`];
+      const { got, stderr } = await launch([...launcher, command, ...pre, "--stdio"], port, "QUIT\r\n");
+      if (runtime === "bun") {
+        // No socket addresses on Bun: tcpserver's variables, then the system name, then localhost with a warning.
+        expect(got.text).toMatch(/^521 \S+ does not accept mail\r\n221 \S+ closing connection\r\n$/);
+      } else {
+        expect(got.text).toBe(greeting("[127.0.0.1]") + "221 [127.0.0.1] closing connection\r\n");
+        expect(stderr).not.toContain("event=warning");
+      }
+    },
+  );
+
+  it("on Deno with --allow-net only under tcpserver-style variables it does not prompt, it warns", async () => {
+    const [command, ...pre] = RUNTIMES.deno;
+    const got = spawnSync(command, [...pre, "--stdio"], {
+      input: "QUIT\r\n",
+      encoding: "latin1",
+      timeout: 15_000,
+      env: { ...process.env, TCPLOCALIP: "192.0.2.7", TCPREMOTEIP: "198.51.100.9" },
+    });
+    // The environment may not be read without --allow-env: the name falls back to localhost.
+    expect(got.status).toBe(0);
+    expect(got.stdout).toBe("521 localhost does not accept mail\r\n221 localhost closing connection\r\n");
+    expect(got.stderr).toContain('event=warning detail="no name for replies: using localhost; pass --hostname"');
+  });
+
+  it("on Node under tcpserver-style variables: TCPLOCALIP names it, TCPREMOTEIP is logged", async () => {
+    const got = spawnSync(RUNTIMES.node[0], [FILE, "--stdio"], {
+      input: "QUIT\r\n",
+      encoding: "latin1",
+      timeout: 15_000,
+      env: { ...process.env, TCPLOCALIP: "192.0.2.7", TCPREMOTEIP: "198.51.100.9", TCPREMOTEPORT: "4321" },
+    });
+    expect(got.stdout).toBe("521 [192.0.2.7] does not accept mail\r\n221 [192.0.2.7] closing connection\r\n");
+    expect(got.stderr).toContain("remote=198.51.100.9:4321");
+  });
+
+  it.each(ALL)("on %s under socat", async (runtime) => {
+    if (!has("socat")) return console.warn("skipped: socat is not installed (.ci/run installs it)");
+    const port = await freePort();
+    const exec = [...RUNTIMES[runtime], "--stdio", "--hostname", NAME].join(" ");
+    const { got, stderr } = await launch(
+      ["socat", `TCP-LISTEN:${port},bind=127.0.0.1,reuseaddr,fork`, `EXEC:${exec}`],
+      port,
+      "EHLO client.example\r\nQUIT\r\n",
+    );
+    expect(got.text).toBe(greeting(NAME).repeat(2) + CLOSING);
+    expect(stderr).toMatch(/event=session .* lines=2 end=quit/);
+  });
+});
+
+describe("systemd socket activation: --listen fd:3 (the smtp521-node example)", () => {
+  it.each(["node", "bun"] as const)("on %s: serves on the inherited socket", async (runtime) => {
+    // systemd-socket-activate binds the port and starts the service at the first connection.
+    const port = await freePort();
+    const [command, ...pre] = RUNTIMES[runtime];
+    const { got, stderr } = await launch(
+      ["systemd-socket-activate", "-l", `127.0.0.1:${port}`, command, ...pre, ...exampleFlags("smtp521-node.service")],
+      port,
+      "EHLO client.example\r\nQUIT\r\n",
+    );
+    expect(got.text).toBe(greeting(NAME).repeat(2) + CLOSING);
+    expect(stderr).toMatch(new RegExp(`event=start .* listen=127\\.0\\.0\\.1:${port} `));
+    expect(stderr).toMatch(/event=session remote=127\.0\.0\.1:\d+ .* lines=2 end=quit/);
+  });
+
+  it("on deno: exits 2 saying Deno cannot accept on an inherited socket and what to use", async () => {
+    const [command, ...pre] = RUNTIMES.deno;
+    const got = await run(command, [...pre, "--listen", "fd:3"]);
+    expect(got.code).toBe(2);
+    expect(got.stderr).toBe(
+      "smtp521: --listen fd:N: Deno cannot accept on an inherited socket; use --stdio with systemd Accept=yes, or --listen ADDR:PORT\n",
+    );
+  });
+});
+
+describe("--user: drop privileges after binding", () => {
+  const root = process.getuid?.() === 0;
+
+  it.each(["node", "bun"] as const)("on %s: runs as nobody afterwards and still serves", async (runtime) => {
+    if (!root) return console.warn("skipped: --user needs root");
+    const server = await start(runtime, ["--user", "nobody", "--hostname", NAME]);
+    try {
+      const status = readFileSync(`/proc/${server.child.pid}/status`, "utf8");
+      expect(/^Uid:\s+(.*)$/m.exec(status)![1].split(/\s+/)).toEqual(["65534", "65534", "65534", "65534"]);
+      expect(/^Gid:\s+(.*)$/m.exec(status)![1].split(/\s+/)).toEqual(["65534", "65534", "65534", "65534"]);
+      expect(server.log.find((l) => l.includes("event=start"))).toMatch(/ uid=65534 gid=65534 groups=65534 /);
+      expect((await talk(server.port, "QUIT\r\n")).text).toBe(greeting(NAME) + CLOSING);
+    } finally {
+      await server.stop();
+    }
+  });
+
+  it("on deno: exits 2 pointing to systemd User=/DynamicUser= or to Node/Bun", async () => {
+    const [command, ...pre] = RUNTIMES.deno;
+    const got = await run(command, [...pre, "--user", "nobody", "--port", "0"]);
+    expect(got.code).toBe(2);
+    expect(got.stderr).toMatch(/^smtp521: --user: Deno has no setgroups.*User= or DynamicUser=.*Node or Bun\n$/);
+  });
+
+  it("an unknown user exits 1 with one line, without serving", async () => {
+    if (!root) return console.warn("skipped: --user needs root");
+    const got = await run(RUNTIMES.node[0], [FILE, "--port", "0", "--user", "no-such-user-521"]);
+    expect(got.code).toBe(1);
+    expect(got.stderr).toMatch(/^smtp521: --user: "no-such-user-521" is not in \/etc\/passwd; give NAME:GROUP\n$/);
+  });
+});
+
+describe("logs", () => {
+  it.each(ALL)("on %s, --log json: every stderr line is a JSON object with the fields", async (runtime) => {
+    const server = await start(runtime, ["--log", "json", "--hostname", NAME]);
+    await talk(server.port, "NOOP\r\nQUIT\r\n");
+    await server.waitFor(/"event":"session"/);
+    expect(await server.stop()).toBe(0);
+    const lines = server.log.filter(Boolean).map((line) => JSON.parse(line));
+    expect(lines.map((l) => l.event)).toEqual(["start", "session", "stop"]);
+    expect(lines[0]).toMatchObject({
+      mode: "greet",
+      name: NAME,
+      name_source: "--hostname",
+      version: expect.any(String),
+    });
+    expect(lines[1]).toEqual({
+      time: expect.stringMatching(/^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$/),
+      event: "session",
+      remote: expect.stringMatching(/^(127\.0\.0\.1|\[::1\]):\d+$/),
+      local_port: server.port,
+      mode: "greet",
+      duration_ms: expect.any(Number),
+      lines: 2,
+      end: "quit",
+    });
+    expect(lines[2]).toMatchObject({ signal: "SIGTERM", sessions: 1, quit: 1 });
+  });
+
+  it("--log text: every line is key=value pairs, values with spaces quoted", async () => {
+    const server = await start("node", ["--hostname", NAME]);
+    await talk(server.port, "QUIT\r\n");
+    await server.waitFor(/event=session/);
+    await server.stop();
+    const pair = /(\w+)=("(?:[^"\\]|\\.)*"|\S+)/g;
+    for (const line of server.log.filter(Boolean)) {
+      expect(line.replace(pair, "").trim(), line).toBe("");
+    }
+    expect(server.log[0]).toMatch(
+      /^time=\S+ event=start version=\S+ runtime=node\/\S+ mode=greet name=mail\.example\.org/,
+    );
+  });
+
+  it("--log off: no session lines", async () => {
+    const got = spawnSync(RUNTIMES.node[0], [FILE, "--stdio", "--log", "off", "--hostname", NAME], {
+      input: "QUIT\r\n",
+      encoding: "latin1",
+    });
+    expect(got).toMatchObject({ status: 0, stderr: "", stdout: greeting(NAME) + CLOSING });
+  });
+});
+
+describe("signals", () => {
+  it.each(ALL)("on %s, SIGTERM: stops accepting, lets an open session finish, then exits 0", async (runtime) => {
+    const server = await start(runtime, ["--hostname", NAME, "--drain", "5"]);
+    const session = talk(server.port, "", { ms: 8000 }); // opened before the signal
+    await new Promise((resolve) => setTimeout(resolve, 200));
+    const begun = Date.now();
+    server.child.kill("SIGTERM");
+    await new Promise((resolve) => setTimeout(resolve, 300));
+    const late = await talk(server.port, "QUIT\r\n");
+    expect(late).toMatchObject({ text: "", ending: "reset" }); // refused: no longer listening
+    expect(server.child.exitCode).toBe(null); // still draining the open session
+    // The open session ends at the drain deadline with end=shutdown.
+    expect((await session).text).toBe(greeting(NAME));
+    expect(await server.exited).toBe(0);
+    expect(Date.now() - begun).toBeGreaterThanOrEqual(4500);
+    expect(Date.now() - begun).toBeLessThan(7000);
+    expect(server.log.some((l) => l.endsWith("end=shutdown"))).toBe(true);
+    expect(server.log.some((l) => /event=stop signal=SIGTERM sessions=1 shutdown=1$/.test(l))).toBe(true);
+  });
+
+  it("SIGTERM with a session that ends by itself during the drain: exits as soon as it has", async () => {
+    const server = await start("node", ["--hostname", NAME, "--drain", "5"]);
+    const socket = connect({ host: "127.0.0.1", port: server.port }).on("error", () => {});
+    await new Promise((resolve) => socket.once("data", resolve));
+    const begun = Date.now();
+    server.child.kill("SIGTERM");
+    await new Promise((resolve) => setTimeout(resolve, 300));
+    socket.end("QUIT\r\n");
+    expect(await server.exited).toBe(0);
+    expect(Date.now() - begun).toBeLessThan(2000);
+    expect(server.log.some((l) => /event=stop signal=SIGTERM sessions=1 quit=1$/.test(l))).toBe(true);
+  });
+
+  it("SIGINT exits 0; SIGHUP is logged and ignored", async () => {
+    const server = await start("node", ["--hostname", NAME]);
+    server.child.kill("SIGHUP");
+    await server.waitFor(/event=signal signal=SIGHUP action=ignored/);
+    expect((await talk(server.port, "QUIT\r\n")).text).toBe(greeting(NAME) + CLOSING);
+    expect(await server.stop("SIGINT")).toBe(0);
+    expect(server.log.some((l) => l.includes("event=stop signal=SIGINT"))).toBe(true);
+  });
+});
+
+describe("examples", () => {
+  const units = readdirSync(EXAMPLES).filter((f) => /\.(service|socket)$/.test(f));
+
+  it("has the units the README names", () => {
+    expect(units.sort()).toEqual([
+      "smtp521-deno.service",
+      "smtp521-inetd.socket",
+      "smtp521-inetd@.service",
+      "smtp521-node.service",
+      "smtp521-node.socket",
+    ]);
+  });
+
+  it.each(units)("%s passes systemd-analyze verify (with this machine's paths)", (unit) => {
+    if (!has("systemd-analyze")) return console.warn("skipped: no systemd-analyze");
+    const dir = mkdtempSync(join(tmpdir(), "smtp521-units-"));
+    for (const name of units) {
+      const text = readFileSync(join(EXAMPLES, name), "utf8")
+        .replaceAll("/usr/local/bin/deno", join(BIN, "deno"))
+        .replaceAll("/usr/bin/node", join(BIN, "node"))
+        .replaceAll("/usr/local/lib/smtp521/smtp521.ts", FILE);
+      writeFileSync(join(dir, name), text);
+    }
+    const got = spawnSync("systemd-analyze", ["verify", "--man=no", join(dir, unit)], { encoding: "utf8" });
+    expect(got.stderr).toBe("");
+    expect(got.status).toBe(0);
+  });
+
+  it("the Deno unit's --allow-net list is enough to serve, and nothing more is asked", async () => {
+    const exec = /^ExecStart=(.*)$/m.exec(readFileSync(join(EXAMPLES, "smtp521-deno.service"), "utf8"))![1];
+    const allow = /--allow-net=(\S+)/.exec(exec)![1];
+    const port = await freePort();
+    const flags = allow.replaceAll(":25", `:${port}`);
+    const server = spawn(join(BIN, "deno"), [
+      "run",
+      `--allow-net=${flags}`,
+      "--no-prompt",
+      FILE,
+      "--port",
+      String(port),
+    ], {
+      stdio: ["ignore", "ignore", "pipe"],
+    });
+    let stderr = "";
+    server.stderr!.on("data", (chunk) => (stderr += chunk));
+    try {
+      const deadline = Date.now() + 10_000;
+      while (!stderr.includes("event=start") && Date.now() < deadline) await new Promise((r) => setTimeout(r, 50));
+      expect((await talk(port, "QUIT\r\n")).text).toMatch(/^521 .*\r\n221 /);
+      expect(stderr).not.toMatch(/NotCapable|PermissionDenied|error/);
+    } finally {
+      server.kill("SIGTERM");
+    }
+  });
+
+  it.each(ALL)("the runit run script's tcpserver line serves on %s", async (runtime) => {
+    if (!has("tcpserver")) return console.warn("skipped: tcpserver (ucspi-tcp) is not installed (.ci/run installs it)");
+    const port = await freePort();
+    const line =
+      /exec (tcpserver .*?)$/ms.exec(readFileSync(join(EXAMPLES, "runit", "run"), "utf8").replace(/\\\n\s*/g, " "))![1];
+    const words = line.split(/\s+/).filter((w) => w !== "setuidgid" && w !== "nobody"); // daemontools' setuidgid is not here
+    const at = words.findIndex((w, i) => w === "0" && words[i + 1] === "25");
+    words.splice(at, 2, "127.0.0.1", String(port)); // "0 25": every address, port 25
+    const script = words.findIndex((w) => w.endsWith("smtp521.ts"));
+    const [command, ...pre] = RUNTIMES[runtime];
+    const argv = [...words.slice(0, script - 1), command, ...pre, ...words.slice(script + 1)];
+    const { got, stderr } = await launch(argv, port, "NOOP\r\nQUIT\r\n");
+    expect(got.text).toBe(greeting(NAME).repeat(2) + CLOSING);
+    // The peer comes from the socket (Node, Deno) or from tcpserver's TCPREMOTEIP (Bun).
+    expect(stderr).toMatch(
+      new RegExp(`event=session remote=127\\.0\\.0\\.1:\\d+ local_port=${port} .* lines=2 end=quit`),
+    );
+  });
+
+  it("the xinetd entry serves", async () => {
+    if (!has("xinetd") || process.getuid?.() !== 0) return console.warn("skipped: needs xinetd and root");
+    const port = await freePort();
+    const dir = mkdtempSync(join(tmpdir(), "smtp521-xinetd-"));
+    const entry = readFileSync(join(EXAMPLES, "xinetd.smtp521"), "utf8")
+      .replace("service smtp", "service smtp521-test")
+      .replace("{", `{\n\ttype = UNLISTED\n\tport = ${port}\n\tbind = 127.0.0.1`)
+      .replace("/usr/bin/node", join(BIN, "node"))
+      .replace("/usr/local/lib/smtp521/smtp521.ts", FILE);
+    writeFileSync(join(dir, "xinetd.conf"), entry);
+    const { got } = await launch(
+      ["xinetd", "-dontfork", "-f", join(dir, "xinetd.conf"), "-pidfile", join(dir, "pid")],
+      port,
+      "EHLO client.example\r\nQUIT\r\n",
+    );
+    expect(got.text).toBe(greeting(NAME).repeat(2) + CLOSING);
+  });
+});
