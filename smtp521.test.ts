@@ -623,6 +623,12 @@ describe.each(Object.keys(RUNTIMES) as Runtime[])("the real file on %s", (runtim
 // Real clients (INTEROP.md).
 // ---------------------------------------------------------------------------
 
+/** curl's smtp:// client sending one message to `rcpt`. */
+function curlSend(port: number, rcpt: string) {
+  const args = ["-sS", `smtp://127.0.0.1:${port}`, "--mail-from", "a@client.example", "--mail-rcpt", rcpt, "-T", "-"];
+  return run("curl", args, { input: "Subject: hi\r\n\r\nhello\r\n" });
+}
+
 describe("real clients against a 521 greeting", () => {
   it("Python smtplib raises SMTPConnectError with code 521", async () => {
     const server = await start("node", ["--hostname", "ntp1.example.org"]);
@@ -644,9 +650,7 @@ describe("real clients against a 521 greeting", () => {
   it("curl's smtp:// exits 8", async () => {
     const server = await start("node", ["--hostname", "ntp1.example.org"]);
     try {
-      const url = `smtp://127.0.0.1:${server.port}`;
-      const args = ["-sS", url, "--mail-from", "a@client.example", "--mail-rcpt", "b@ntp1.example.org", "-T", "-"];
-      const got = await run("curl", args, { input: "Subject: hi\r\n\r\nhello\r\n" });
+      const got = await curlSend(server.port, "b@ntp1.example.org");
       expect(got.code).toBe(8);
       expect(got.stderr).toContain("521");
     } finally {
@@ -708,9 +712,7 @@ describe("real clients against rcpt mode", () => {
   it("curl's smtp:// exits 55", async () => {
     const server = await start("node", ["--mode", "rcpt"]);
     try {
-      const url = `smtp://127.0.0.1:${server.port}`;
-      const args = ["-sS", url, "--mail-from", "a@client.example", "--mail-rcpt", "root@ntp1.example", "-T", "-"];
-      const got = await run("curl", args, { input: "Subject: hi\r\n\r\nhello\r\n" });
+      const got = await curlSend(server.port, "root@ntp1.example");
       expect(got.code).toBe(55);
       expect(got.stderr).toContain("521");
     } finally {
