@@ -535,6 +535,25 @@ describe.each(Object.keys(RUNTIMES) as Runtime[])("the real file on %s", (runtim
     }
   });
 
+  it("names itself by a fully qualified system host name, where it may read it without a prompt", async () => {
+    if (process.getuid?.() !== 0) return console.warn("skipped: setting a host name in a new UTS namespace needs root");
+    // A private UTS namespace with a fully qualified host name; Deno may read it only with --allow-sys.
+    const wrap = ["unshare", "--uts", "sh", "-c", 'hostname Mx.Test.Example && exec "$@"', "sh"];
+    const server = await start(runtime, [], wrap);
+    try {
+      const start_ = server.log.find((l) => l.includes("event=start"))!;
+      const expected = runtime === "deno" ? "[127.0.0.1]" : "mx.test.example";
+      expect(start_).toContain(
+        runtime === "deno" ? "name_source=local-address" : "name=mx.test.example name_source=system",
+      );
+      expect((await talk(server.port, "QUIT\r\n")).text).toBe(
+        greeting(expected) + `221 ${expected} closing connection\r\n`,
+      );
+    } finally {
+      await server.stop();
+    }
+  });
+
   it("close mode: the client reads the 521 and a FIN even when it wrote before the greeting", async () => {
     const server = await start(runtime, ["--mode", "close", "--hostname", "ntp1.example.org"]);
     try {
