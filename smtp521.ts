@@ -28,12 +28,12 @@
 import { Buffer } from "node:buffer";
 import { isIP, isIPv4, isIPv6 } from "node:net";
 import type { AddressInfo, Server } from "node:net";
-import { createServer, Socket } from "node:net";
+import { connect, createServer, Socket } from "node:net";
 import { fstatSync, readFileSync } from "node:fs";
 import { hostname as systemHostname } from "node:os";
 import process from "node:process";
 import { Duplex } from "node:stream";
-import { clearInterval, setImmediate, setInterval, setTimeout } from "node:timers";
+import { clearInterval, clearTimeout, setImmediate, setInterval, setTimeout } from "node:timers";
 import { parseArgs } from "node:util";
 
 export const VERSION = "1.0.0";
@@ -776,6 +776,8 @@ export const USAGE = `smtp521 ${VERSION}: refuse all mail with a permanent 521 (
 
 usage: smtp521.ts [flags]
        smtp521.ts probe HOST[:PORT] [--rcpt USER@DOMAIN] [--timeout S] [--json]
+                            check a host: exit 0 if it refuses mail the RFC 1846
+                            way, 1 if not, 3 if unreachable (probe --timeout 10)
 
   --mode greet|close|rcpt   greet: 521 greeting, 521 to every line, 221 to QUIT
                             close: 521 greeting, then close
@@ -878,7 +880,7 @@ export function parseOptions(args: readonly string[]): Options | UsageError {
   try {
     ({ values } = parseArgs({ args: [...args], options: FLAGS, strict: true, allowPositionals: false }));
   } catch (error) {
-    const flag = /'([^']+)'/.exec((error as Error).message)?.[1] ?? String(args[0]);
+    const flag = /'([^' ]+)/.exec((error as Error).message)?.[1] ?? String(args[0]);
     return { error: `${flag}: ${unknownOrBad(error)}; see --help` };
   }
   const mode = choice("mode", values.mode, ["greet", "close", "rcpt"] as const);
@@ -979,6 +981,301 @@ function stderrLog(format: LogFormat): { log: Log; flush(): Promise<void> } {
 }
 
 // ---------------------------------------------------------------------------
+// Probe (SPEC §7): play the sending client of RFC 1846 §5 against a host, say
+// whether it refuses mail the RFC 1846 / RFC 7504 way and what senders will do.
+// It never sends DATA, and ends with QUIT once a greeting came.
+// ---------------------------------------------------------------------------
+
+/** Probe exit codes (SPEC §7). */
+export const PROBE_EXIT = Object.freeze({ refuses: 0, wrong: 1, usage: 2, unreachable: 3 });
+
+const PROBE_FLAGS = {
+  rcpt: { type: "string" },
+  timeout: { type: "string", default: "10" },
+  json: { type: "boolean", default: false },
+  help: { type: "boolean", short: "h", default: false },
+} as const;
+
+/** What sending MTAs did with each answer, measured (README, interop table). */
+const SENDERS = Object.freeze({
+  greeting: "Exim, Sendmail and Haraka bounce at once; Postfix with default settings (smtp_skip_5xx_greeting = yes) " +
+    "and OpenSMTPD queue for days: consider --mode rcpt",
+  rcpt: "Postfix, Exim, OpenSMTPD, Sendmail and Haraka all bounce at once",
+  queue: "they queue the mail and retry for days (a temporary failure, RFC 5321 section 4.5.4.1)",
+  deliver: "they deliver: this host accepts mail",
+  bounce: "they bounce at once (a permanent failure), but are not told that this host takes no mail",
+  unknown: "depends on the sender: RFC 1846 and RFC 7504 define no such answer",
+});
+
+/** A line sent or received, or an event (connected, closed, time-out); `ms` from the start. */
+export type ProbeLine = { readonly ms: number; readonly dir: "sent" | "received" | "event"; readonly text: string };
+/** What the probe found: the `--json` object. */
+export interface ProbeReport {
+  readonly target: string;
+  readonly greeting: string | null;
+  readonly mode: Mode | "none";
+  readonly name: string | null;
+  readonly quit: string | null;
+  readonly verdict: string;
+  readonly senders: string;
+  readonly exit: number;
+  readonly transcript: readonly ProbeLine[];
+}
+type Finding = Pick<ProbeReport, "mode" | "verdict" | "senders" | "exit">;
+/** A reply (RFC 5321 §4.2: its code and first line), or why none came. */
+type Reply = { readonly code: number; readonly line: string };
+type Heard = Reply | keyof typeof FAILED;
+const FAILED = Object.freeze({ timeout: "no reply within --timeout", closed: "a close", garbled: "not an SMTP reply" });
+
+const wrong = (why: string, senders: string = SENDERS.unknown, mode: Finding["mode"] = "none"): Finding => ({
+  mode,
+  verdict: `does NOT refuse mail the RFC 1846 way: ${why}`,
+  senders,
+  exit: PROBE_EXIT.wrong,
+});
+const refuses = (mode: Mode, how: string, senders: string): Finding => ({
+  mode,
+  verdict: `refuses mail per RFC 1846/RFC 7504: ${how}`,
+  senders,
+  exit: PROBE_EXIT.refuses,
+});
+const has = (heard: Heard, ...codes: number[]) => typeof heard !== "string" && codes.includes(heard.code);
+/** Server text made safe for a terminal. */
+const printable = (text: string) => text.replace(/[^\x20-\x7e]/g, "?").slice(0, 200);
+const quoted = (heard: Heard) => typeof heard === "string" ? FAILED[heard] : `"${printable(heard.line)}"`;
+
+/** One client connection: each reply awaited at most `timeoutMs`; every line and event in `transcript`. */
+function smtpClient(host: string, port: number, timeoutMs: number, transcript: ProbeLine[]) {
+  const begun = Date.now();
+  const note = (dir: ProbeLine["dir"], text: string) => transcript.push({ ms: Date.now() - begun, dir, text });
+  const socket = connect({ host, port });
+  const lines: string[] = [];
+  let partial = "";
+  let received = 0;
+  let connected = false;
+  let ended: string | null = null;
+  let wake = () => {};
+  const flooded = () => received > 65_536 || partial.length > MAX_LINE;
+  const end = (why: string) => {
+    if (!ended) note("event", ended = why);
+    wake();
+  };
+  socket.on("connect", () => {
+    connected = true;
+    note("event", "connected");
+  });
+  socket.on("data", (chunk: Buffer) => {
+    received += chunk.length;
+    const complete = (partial + chunk.toString("latin1")).split("\n");
+    partial = complete.pop()!;
+    for (const line of complete.map((text) => text.replace(/\r$/, ""))) {
+      note("received", line);
+      lines.push(line);
+    }
+    if (flooded()) socket.destroy(); // not SMTP: stop reading
+    wake();
+  });
+  socket.on("end", () => end("closed by the server"));
+  socket.on("error", (error: NodeJS.ErrnoException) => end(error.code ?? error.message));
+  socket.on("close", () => end("closed"));
+
+  /** RFC 5321 §4.2: `250-...` lines continue a reply; the line with a space (or the bare code) ends it. */
+  function reply(): Heard | undefined {
+    const last = lines.findIndex((line) => !/^\d{3}-/.test(line));
+    if (last < 0) return flooded() ? "garbled" : ended ? "closed" : undefined;
+    const taken = lines.splice(0, last + 1);
+    const code = Number(taken[0].slice(0, 3));
+    return taken.every((line) => /^\d{3}(?:[ -].*)?$/s.test(line)) ? { code, line: taken[0] } : "garbled";
+  }
+  const read = () =>
+    new Promise<Heard>((resolve) => {
+      const settle = (heard: Heard) => {
+        clearTimeout(timer);
+        wake = () => {};
+        resolve(heard);
+      };
+      const timer = setTimeout(() => {
+        note("event", "time-out");
+        settle("timeout");
+      }, timeoutMs);
+      wake = () => {
+        const heard = reply();
+        if (heard) settle(heard);
+      };
+      wake();
+    });
+
+  return {
+    read,
+    /** Why the connection failed, or null when it was made. */
+    failure: () => connected ? null : ended ?? "no connection within --timeout",
+    open: () => !ended,
+    /** RFC 5321 §4.1.4: a client without a name says EHLO with its address literal. */
+    literal: () => addressLiteral(socket.localAddress ?? "127.0.0.1"),
+    command(line: string): Promise<Heard> {
+      if (ended) return Promise.resolve("closed");
+      note("sent", line);
+      socket.write(`${line}\r\n`);
+      return read();
+    },
+    close: () => socket.destroy(),
+  };
+}
+type SmtpClient = ReturnType<typeof smtpClient>;
+
+/** RFC 1846 §4.2: after a 521 greeting, a server closes (a) or answers 521 to all but QUIT (b). */
+async function afterRefusal(client: SmtpClient): Promise<Finding> {
+  const noop = await client.command("NOOP"); // RFC 5321 §4.1.1.9: has no effect
+  if (noop === "closed") return refuses("close", "521 greeting, then close (RFC 1846 section 4.2 a)", SENDERS.greeting);
+  if (!has(noop, 521)) return wrong(`NOOP after the 521 greeting got ${quoted(noop)}, not 521`, SENDERS.greeting);
+  return refuses("greet", "521 greeting, 521 to a command, 221 to QUIT (RFC 1846 section 4.2 b)", SENDERS.greeting);
+}
+
+/** RFC 1846 §3: a relay greets 220 and refuses the recipient with 521 (or 556, RFC 7504 §3). */
+async function atRecipient(client: SmtpClient, to: string, chosen: boolean): Promise<Finding> {
+  let hello = await client.command(`EHLO ${client.literal()}`);
+  if (typeof hello !== "string" && hello.code >= 500) { // RFC 5321 §3.2: a server may not know EHLO
+    hello = await client.command(`HELO ${client.literal()}`);
+  }
+  if (!has(hello, 250)) return wrong(`EHLO/HELO got ${quoted(hello)}`);
+  const mail = await client.command("MAIL FROM:<>"); // RFC 5321 §4.5.5: the null sender, as a bounce has
+  if (!has(mail, 250)) return wrong(`MAIL FROM:<> got ${quoted(mail)}`);
+  const rcpt = await client.command(`RCPT TO:<${to}>`);
+  if (has(rcpt, 521, 556)) return refuses("rcpt", `220, then ${quoted(rcpt)} to RCPT TO:<${to}>`, SENDERS.rcpt);
+  if (has(rcpt, 550) && !chosen) {
+    return wrong(
+      `RCPT TO:<${to}> got 550: not a domain this relay refuses for: pass --rcpt user@<a domain it refuses>`,
+      SENDERS.bounce,
+    );
+  }
+  if (typeof rcpt === "string") return wrong(`RCPT TO:<${to}> got ${quoted(rcpt)}`);
+  if (rcpt.code < 400) return wrong(`it accepted the recipient <${to}> (${quoted(rcpt)})`, SENDERS.deliver);
+  return rcpt.code < 500
+    ? wrong(`RCPT TO:<${to}> got ${quoted(rcpt)}, a temporary failure`, SENDERS.queue)
+    : wrong(`RCPT TO:<${to}> got ${quoted(rcpt)}, not 521 or 556`, SENDERS.bounce);
+}
+
+export interface ProbeOptions {
+  readonly host: string;
+  readonly port: number;
+  readonly rcpt?: string;
+  /** @default 10_000 */
+  readonly timeoutMs?: number;
+}
+
+/** What the greeting (RFC 5321 §4.2, RFC 7504 §3) and the dialog after it say; QUIT is the caller's. */
+async function judge(client: SmtpClient, greeting: Reply, name: string | null, rcpt?: string): Promise<Finding> {
+  if (greeting.code === 521) {
+    return name
+      ? await afterRefusal(client)
+      : wrong("the 521 greeting names no host (RFC 1846 section 4.1)", SENDERS.greeting);
+  }
+  if (greeting.code !== 220) {
+    return wrong(
+      `it greets ${quoted(greeting)}, not 521 (RFC 7504 section 3)`,
+      greeting.code < 500 ? SENDERS.queue : undefined,
+    );
+  }
+  const to = rcpt ?? (name && `postmaster@${name}`);
+  return to ? await atRecipient(client, to, rcpt !== undefined) : wrong("the greeting names no host: pass --rcpt");
+}
+
+/** Probe one host (SPEC §7); resolves with the report, never rejects. */
+export async function probeHost(o: ProbeOptions): Promise<ProbeReport> {
+  const transcript: ProbeLine[] = [];
+  const client = smtpClient(o.host, o.port, o.timeoutMs ?? 10_000, transcript);
+  const report = (found: Finding, greeting: string | null, name: string | null, quit: string | null): ProbeReport => {
+    const { mode, verdict, senders, exit } = found;
+    const target = hostPort(o.host, o.port);
+    return { target, greeting, mode, name, quit, verdict, senders, exit, transcript: [...transcript] };
+  };
+  const cannot = (verdict: string) =>
+    report({ mode: "none", verdict, senders: SENDERS.queue, exit: PROBE_EXIT.unreachable }, null, null, null);
+  try {
+    const greeting = await client.read(); // the connection and the greeting, within one time-out
+    if (greeting === "closed" || greeting === "timeout") {
+      const failure = client.failure();
+      return cannot(failure ? `cannot be reached: ${failure}` : `no greeting: ${quoted(greeting)}`);
+    }
+    if (greeting === "garbled") return report(wrong(`the greeting is ${quoted(greeting)}`), null, null, null);
+    // RFC 1846 §4.1, RFC 5321 §4.2 (Greeting): the first word after the code is a domain or address literal.
+    const name = checkedDomain(greeting.line.slice(4).split(/[ \t]/)[0]);
+    let found = await judge(client, greeting, name, o.rcpt);
+    const open = client.open();
+    const quit = await client.command("QUIT"); // RFC 5321 §4.1.1.10; not sent once the server has closed
+    if (found.exit === PROBE_EXIT.refuses && open && !has(quit, 221)) {
+      found = wrong(`QUIT got ${quoted(quit)}, not 221 (RFC 5321 section 4.1.1.10)`, found.senders, found.mode);
+    }
+    const quitText = !open ? null : typeof quit === "string" ? quoted(quit) : quit.line;
+    return report(found, greeting.line, name, quitText);
+  } finally {
+    client.close();
+  }
+}
+
+/** `host`, `host:port`, `[IPv6]:port`, `[IPv4]:port` or a bare IPv6 address; port 25 by default. */
+function probeTarget(text: string): { host: string; port: number } | UsageError {
+  const parts = isIPv6(text) ? [text, text] : /^\[([^\]]+)\](?::(\d{1,5}))?$|^([^:[\]]+)(?::(\d{1,5}))?$/.exec(text);
+  const host = parts?.[1] ?? parts?.[3] ?? "";
+  const port = Number(parts?.[2] ?? parts?.[4] ?? 25);
+  const named = !!parts?.[3] && (isIPv4(host) || !!checkedDomain(host));
+  if ((named || isIP(host)) && port >= 1 && port <= 65535) return { host, port };
+  return { error: `probe: "${text}" is not HOST[:PORT] with a port from 1 to 65535 (e.g. mx.example, [::1]:2525)` };
+}
+
+/** `--rcpt`: an RFC 5321 §4.1.2 dot-string local part, then a domain or address literal. */
+function probeRecipient(text: string): string | UsageError {
+  const at = text.lastIndexOf("@");
+  const domain = checkedDomain(text.slice(at + 1));
+  return at > 0 && /^[\w!#$%&'*+/=?^`{|}~.-]{1,64}$/.test(text.slice(0, at)) && domain
+    ? `${text.slice(0, at)}@${domain}`
+    : { error: `--rcpt: "${text}" is not USER@DOMAIN (e.g. postmaster@nomail.example)` };
+}
+
+function parseProbe(args: readonly string[]): (ProbeOptions & { json: boolean }) | "help" | UsageError {
+  let parsed;
+  try {
+    parsed = parseArgs({ args: [...args], options: PROBE_FLAGS, strict: true, allowPositionals: true });
+  } catch (error) {
+    const flag = /'([^' ]+)/.exec((error as Error).message)?.[1] ?? "probe";
+    return { error: `${flag}: ${unknownOrBad(error)}; see --help` };
+  }
+  const { values, positionals } = parsed;
+  if (values.help) return "help";
+  if (positionals.length !== 1) return { error: "probe: give one HOST[:PORT] (e.g. probe mx.example:25)" };
+  const target = probeTarget(positionals[0]);
+  const timeoutMs = seconds("timeout", values.timeout);
+  const rcpt = values.rcpt === undefined ? undefined : probeRecipient(values.rcpt);
+  const problem = [target, timeoutMs, rcpt].find(isError);
+  if (problem) return problem;
+  const { host, port } = target as { host: string; port: number };
+  return { host, port, rcpt: rcpt as string | undefined, timeoutMs: timeoutMs as number, json: values.json };
+}
+
+function probeText(r: ProbeReport): string {
+  return [
+    `probe:    ${r.target}`,
+    `greeting: ${r.greeting === null ? "none" : printable(r.greeting)}`,
+    `mode:     ${r.mode}`,
+    `name:     ${r.name ?? "none"}`,
+    `quit:     ${r.quit === null ? `not sent${r.greeting ? ": the server had closed" : ""}` : printable(r.quit)}`,
+    `senders:  ${r.senders}`,
+    `verdict:  ${r.verdict} (exit ${r.exit})`,
+  ].join("\n") + "\n";
+}
+
+/** `smtp521.ts probe HOST[:PORT] [--rcpt USER@DOMAIN] [--timeout S] [--json]` (SPEC §7). */
+export async function probe(args: readonly string[]): Promise<number> {
+  const options = parseProbe(args);
+  if (isError(options)) return await say(options.error, PROBE_EXIT.usage);
+  const out = (text: string, code: number) =>
+    new Promise<number>((resolve) => process.stdout.write(text, () => resolve(code)));
+  if (options === "help") return await out(USAGE, 0);
+  const report = await probeHost(options);
+  return await out(options.json ? `${JSON.stringify(report)}\n` : probeText(report), report.exit);
+}
+
+// ---------------------------------------------------------------------------
 // Main: a server, or one stdio session, until SIGTERM or SIGINT (SPEC §6).
 // ---------------------------------------------------------------------------
 
@@ -1029,6 +1326,7 @@ function signalled(again: () => void): Promise<string> {
 }
 
 export async function main(args: readonly string[]): Promise<number> {
+  if (args[0] === "probe") return await probe(args.slice(1));
   const options = parseOptions(args);
   if (isError(options)) return await say(options.error, 2);
   if (options.help || options.version) {
