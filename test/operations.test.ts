@@ -52,7 +52,7 @@ async function launch(command: string[], port: number, send: string) {
 const has = (tool: string) => spawnSync("sh", ["-c", `command -v ${tool}`]).status === 0;
 
 describe("--stdio: one session on standard input and output", () => {
-  it.each(ALL)("on %s over pipes: replies on stdout only, the log line on stderr", async (runtime) => {
+  it.each(ALL)("on %s over pipes: replies on stdout only, the log line on stderr", (runtime) => {
     const [command, ...pre] = RUNTIMES[runtime];
     const got = spawnSync(command, [...pre, "--stdio", "--hostname", NAME], {
       input: "EHLO client.example\r\nQUIT\r\n",
@@ -101,7 +101,7 @@ describe("--stdio: one session on standard input and output", () => {
     },
   );
 
-  it("on Deno with --allow-net only under tcpserver-style variables it does not prompt, it warns", async () => {
+  it("on Deno with --allow-net only under tcpserver-style variables it does not prompt, it warns", () => {
     const [command, ...pre] = RUNTIMES.deno;
     const got = spawnSync(command, [...pre, "--stdio"], {
       input: "QUIT\r\n",
@@ -115,7 +115,7 @@ describe("--stdio: one session on standard input and output", () => {
     expect(got.stderr).toContain('event=warning detail="no name for replies: using localhost; pass --hostname"');
   });
 
-  it("on Node under tcpserver-style variables: TCPLOCALIP names it, TCPREMOTEIP is logged", async () => {
+  it("on Node under tcpserver-style variables: TCPLOCALIP names it, TCPREMOTEIP is logged", () => {
     const got = spawnSync(RUNTIMES.node[0], [FILE, "--stdio"], {
       input: "QUIT\r\n",
       encoding: "latin1",
@@ -238,7 +238,7 @@ describe("logs", () => {
     );
   });
 
-  it("--log off: no session lines", async () => {
+  it("--log off: no session lines", () => {
     const got = spawnSync(RUNTIMES.node[0], [FILE, "--stdio", "--log", "off", "--hostname", NAME], {
       input: "QUIT\r\n",
       encoding: "latin1",
