@@ -398,32 +398,41 @@ interface Conduit {
   once(event: "drain", listener: () => void): void;
 }
 
-/** A session as the sweeper sees it: when it expires, and how to stop it. */
+/** A session as the sweeper sees it: when it expires, how to stop it, its place in the list. */
 interface Deadline {
   at: number;
   expire: () => void;
   readonly stop: (reason: EndReason) => void;
+  slot: number;
 }
 
 /**
  * Every session's time-out on one interval timer, not a timer each: a
  * Timeout costs about 2 KB per connection on Deno. It runs only while a
  * session is open, so a finished stdio session lets the process exit.
+ * The open sessions are an array with swap-remove, not a Set: under churn a
+ * Set rehashes every few sessions, and V8 links each old table to the next,
+ * entries and all, which kept finished sockets alive through scavenges.
  */
 function deadlineSweeper(timeoutMs: number) {
   const periodMs = Math.max(20, Math.min(timeoutMs, LINGER_MS) / 10); // 200 ms at the defaults
-  const sessions = new Set<Deadline>();
+  const sessions: Deadline[] = [];
   let timer: ReturnType<typeof setInterval> | undefined;
   const sweep = () => {
     const now = Date.now();
-    for (const session of sessions) if (session.at <= now) session.expire();
-    if (sessions.size === 0) timer = void clearInterval(timer);
+    // Backwards: a session that expires may leave at once, moving the last one into its slot.
+    for (let i = sessions.length - 1; i >= 0; i--) if (sessions[i]?.at <= now) sessions[i].expire();
+    if (sessions.length === 0) timer = void clearInterval(timer);
   };
   const add = (session: Deadline) => {
-    sessions.add(session);
+    session.slot = sessions.push(session) - 1;
     timer ??= setInterval(sweep, periodMs);
   };
-  return { sessions, add };
+  const remove = (session: Deadline) => {
+    const last = sessions.pop()!;
+    if (last !== session) sessions[last.slot = session.slot] = last;
+  };
+  return { sessions, add, remove };
 }
 type Sweeper = ReturnType<typeof deadlineSweeper>;
 
@@ -445,7 +454,7 @@ function converse(
     end ??= reason;
     conduit.destroy();
   };
-  const deadline: Deadline = { at: Date.now() + idleMs, expire: () => stop("timeout"), stop };
+  const deadline: Deadline = { at: Date.now() + idleMs, expire: () => stop("timeout"), stop, slot: -1 };
   sweeper.add(deadline);
 
   const linger = (reason: EndReason) => {
@@ -471,7 +480,7 @@ function converse(
   conduit.on("end", () => linger("client-closed"));
   conduit.on("error", () => stop("reset"));
   conduit.on("close", () => {
-    sweeper.sessions.delete(deadline);
+    sweeper.remove(deadline);
     onClose(end ?? "reset", lines);
   });
   take(session.greeting);
@@ -673,7 +682,7 @@ export async function serve(options: ServeOptions = {}): Promise<Smtp521Server> 
     for (const server of servers) server.close();
     const deadline = Date.now() + drainMs;
     while (open + overloaded > 0 && Date.now() < deadline) await sleep(50);
-    for (const session of sweeper.sessions) session.stop("shutdown");
+    for (const session of [...sweeper.sessions]) session.stop("shutdown");
     while (open + overloaded > 0) await sleep(10);
     return ended;
   }
@@ -741,7 +750,7 @@ export function serveStdio(options: StdioOptions = {}): { done: Promise<EndReaso
       resolve(end);
     });
   });
-  return { done, stop: (reason) => sweeper.sessions.forEach((session) => session.stop(reason)) };
+  return { done, stop: (reason) => [...sweeper.sessions].forEach((session) => session.stop(reason)) };
 }
 
 /**
