@@ -132,6 +132,7 @@ export function addressLiteral(ip: string): string {
 
 /** `::ffff:192.0.2.1` -> `192.0.2.1`, `fe80::1%eth0` -> `fe80::1`. */
 function plainAddress(ip: string): string {
+  if (!ip.includes(":")) return ip; // IPv4: nothing to strip, and no regex per connection
   const unscoped = ip.replace(/%.*$/, "");
   const mapped = /^::ffff:(\d+\.\d+\.\d+\.\d+)$/i.exec(unscoped);
   return mapped ? mapped[1] : unscoped;
