@@ -216,6 +216,16 @@ export interface Hostile {
   longLine: LongLineResult;
 }
 
+/** The hostile load: slowloris clients (a byte every dripMs, destroyed by the client after lifeMs), one long line, RSS sampled every sampleMs. */
+export interface HostileLoad {
+  slowloris: number;
+  dripMs: number;
+  lifeMs: number;
+  lineBytes: number;
+  lineMs: number;
+  sampleMs: number;
+}
+
 /**
  * Slowloris connections across the pool and, once they are all in, one long
  * line with no newline, while RSS is sampled every `sampleMs`.
@@ -223,14 +233,7 @@ export interface Hostile {
 export async function measureHostile(
   pool: Pool,
   server: { pid: number; port: number },
-  options: RssPace & {
-    slowloris: number;
-    dripMs: number;
-    lifeMs: number;
-    lineBytes: number;
-    lineMs: number;
-    sampleMs: number;
-  },
+  options: RssPace & HostileLoad,
 ): Promise<Hostile> {
   const idle = await settledRss(server.pid, options);
   let peak = idle;

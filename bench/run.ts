@@ -20,14 +20,14 @@ import { join, resolve } from "node:path";
 import process from "node:process";
 import { parseArgs } from "node:util";
 import { awaitQuiet, measureHeld, measureHostile, measureRate } from "./load.ts";
-import type { Pool, Rate } from "./load.ts";
+import type { HostileLoad, Pool, Rate } from "./load.ts";
 import { startPool } from "./load.ts";
 import { BIN, command, FILES, IMPLS, machine, NAME, ROOT, RUNTIMES, serverArgs, startServer } from "./proc.ts";
 import type { Impl, Runtime } from "./proc.ts";
 import { marginal, markdown, NATIVE, targets } from "./report.ts";
 import type { Context, Sample } from "./report.ts";
 
-export interface Config {
+export interface Config extends HostileLoad {
   repeats: number;
   /** Client processes for the multi-client runs (N); the baseline is also run with N+1. */
   processes: number;
@@ -38,13 +38,6 @@ export interface Config {
   /** Idle connections held per step (two steps) for the memory figures, and the pause before RSS is read. */
   hold: number;
   settleMs: number;
-  /** Hostile load: slowloris connections (a byte every dripMs, destroyed by the client after lifeMs) and one long line. */
-  slowloris: number;
-  dripMs: number;
-  lifeMs: number;
-  lineBytes: number;
-  lineMs: number;
-  sampleMs: number;
   /** smtp521's --timeout in the hostile phase, so it closes the slowloris clients itself. */
   timeoutS: number;
   /**
