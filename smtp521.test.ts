@@ -16,9 +16,12 @@ import {
   checkedDomain,
   createSession,
   type DomainList,
+  formatLine,
   MAX_LINE,
+  overloadSession,
   parseDomainList,
   parseOptions,
+  receive,
   repliesFor,
   type SessionConfig,
   type Step,
@@ -42,7 +45,7 @@ const bytes = (text: string) => new TextEncoder().encode(text);
 
 /** Feed chunks in order; collect everything sent, the lines taken and the end. */
 function feed(s: ReturnType<typeof session>, ...chunks: (string | Uint8Array)[]) {
-  const steps: Step[] = chunks.map((chunk) => s.receive(typeof chunk === "string" ? bytes(chunk) : chunk));
+  const steps: Step[] = chunks.map((chunk) => receive(s, typeof chunk === "string" ? bytes(chunk) : chunk));
   return {
     send: steps.map((step) => step.send).join(""),
     lines: steps.reduce((n, step) => n + step.lines, 0),
@@ -149,7 +152,7 @@ describe("session core: rcpt mode (RFC 1846 §3)", () => {
   const rcpt = (overrides: Partial<SessionConfig> = {}) => session({ mode: "rcpt", ...overrides });
   /** Each line's reply, one by one. */
   const dialog = (s: ReturnType<typeof session>, ...lines: string[]) =>
-    lines.map((line) => s.receive(bytes(`${line}\r\n`)).send);
+    lines.map((line) => receive(s, bytes(`${line}\r\n`)).send);
 
   it("greets 220 and takes HELO/EHLO with a single-line 250 (no extensions)", () => {
     const s = rcpt();
@@ -382,7 +385,7 @@ describe.each(["greet", "close", "rcpt"] as const)("properties of the core in %s
         let lfs = 0;
         let lfsBeforeEnd = 0;
         for (const chunk of chunked(input, cuts)) {
-          const step = s.receive(chunk);
+          const step = receive(s, chunk);
           const chunkLfs = chunk.reduce((n, byte) => n + (byte === 10 ? 1 : 0), 0);
           const sent = step.send ? step.send.split(/(?<=\r\n)/) : [];
           if (end) {
@@ -422,13 +425,55 @@ describe.each(["greet", "close", "rcpt"] as const)("properties of the core in %s
         }
         // Cutting differently changes nothing: one chunk gives the same replies and end.
         const whole = session(config);
-        const once = whole.receive(input);
+        const once = receive(whole, input);
         assert.deepEqual([whole.greeting.send, ...(once.send ? once.send.split(/(?<=\r\n)/) : [])], replies);
         assert.equal(whole.greeting.end ?? once.end, end);
       }),
       { numRuns: PROPERTY_RUNS },
     );
   }, 120_000);
+});
+
+describe("session core: over a limit (SPEC §4)", () => {
+  it("greets with the 521 and ends at once; later bytes get nothing", () => {
+    const s = overloadSession({ mode: "rcpt", name: NAME, maxCommands: 20, rcptCode: 521, domains: null });
+    expect(s.greeting).toEqual({ send: REFUSE, lines: 0, end: "overload" });
+    expect(receive(s, bytes("EHLO a\r\nQUIT\r\n"))).toEqual({ send: "", lines: 0, end: null });
+  });
+});
+
+describe("log lines (SPEC §6)", () => {
+  const TIME = /^time=\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z /;
+
+  it("text: key=value in order, numbers bare, anything unsafe quoted as JSON", () => {
+    const line = formatLine("text", "session", {
+      remote: "[2001:db8::1]:25",
+      lines: 3,
+      detail: 'a b="c"\\',
+      empty: "",
+      odd: "\u00e9\n",
+    });
+    expect(line).toMatch(TIME);
+    expect(line.replace(TIME, "")).toBe(
+      'event=session remote=[2001:db8::1]:25 lines=3 detail="a b=\\"c\\"\\\\" empty="" odd="\u00e9\\n"\n',
+    );
+  });
+
+  it("json: one object per line, time and event first", () => {
+    const line = formatLine("json", "session", { remote: "-", lines: 0 });
+    expect(line.endsWith("\n") && !line.slice(0, -1).includes("\n")).toBe(true);
+    const parsed = JSON.parse(line);
+    expect(Object.keys(parsed)).toEqual(["time", "event", "remote", "lines"]);
+    expect(Date.parse(parsed.time)).toBeGreaterThan(Date.parse("2020-01-01"));
+    expect(parsed).toMatchObject({ event: "session", remote: "-", lines: 0 });
+  });
+
+  it("keeps the time current across lines", async () => {
+    const first = /^time=(\S+)/.exec(formatLine("text", "x", {}))![1];
+    await new Promise((resolve) => setTimeout(resolve, 5));
+    const second = /^time=(\S+)/.exec(formatLine("text", "x", {}))![1];
+    expect(Date.parse(second)).toBeGreaterThan(Date.parse(first));
+  });
 });
 
 describe("--domains", () => {

@@ -184,6 +184,8 @@ export interface Context {
   readonly hold: number;
   readonly processes: number;
   readonly foreignMax: number;
+  /** bench/HISTORY.md: what changed in smtp521 for the targets, measured before and after. */
+  readonly history?: string;
 }
 
 /** The native bare responder each runtime has, if any. */
@@ -231,6 +233,9 @@ export function markdown(samples: readonly Sample[], context: Context): string {
     loadCheck(samples, context),
     "## Native listeners: Deno.listen and Bun.listen against node:net (bare responders, same runtime)",
     nativeCheck(samples, context),
+    ...(context.history
+      ? ["## Before and after: what changed in smtp521 for the targets", context.history.trim()]
+      : []),
   ];
   return parts.join("\n\n") + "\n";
 }

@@ -14,7 +14,7 @@
 
 import { execFileSync } from "node:child_process";
 import { createHash } from "node:crypto";
-import { mkdirSync, mkdtempSync, readFileSync, writeFileSync } from "node:fs";
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import process from "node:process";
@@ -55,6 +55,8 @@ export interface Config extends HostileLoad {
 }
 
 const MB = 1024 * 1024;
+/** Kept by hand: each change made for the targets, with its figures before and after; copied into RESULTS.md. */
+const HISTORY = join(ROOT, "bench", "HISTORY.md");
 
 export const FULL: Config = {
   repeats: 3,
@@ -365,6 +367,7 @@ export async function main(args: string[]): Promise<number> {
     hold: config.hold,
     processes: config.processes,
     foreignMax: config.foreignMax,
+    history: existsSync(HISTORY) ? readFileSync(HISTORY, "utf8") : undefined,
   };
   const text = formatted(markdown(samples, context));
   const verdicts = runtimes.flatMap((runtime) => targets(samples, runtime, config.concurrencies, config.hold));
