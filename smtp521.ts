@@ -19,8 +19,9 @@
  *   bun smtp521.ts --stdio                      # from inetd / systemd Accept=yes
  *   deno run --allow-net smtp521.ts probe host.example[:25]
  *
- * As a library: `createSession` and `receive` are the protocol as a pure state machine
- * (bytes in, replies and "close now" out); `serve` runs it on TCP.
+ * As a library: `createSession` and `receive` are the protocol as a pure
+ * state machine (bytes in, replies and "close now" out); `serve` runs it on
+ * TCP.
  *
  * @module
  */
