@@ -449,13 +449,17 @@ describe("log lines (SPEC §6)", () => {
     const line = formatLine("text", "session", {
       remote: "[2001:db8::1]:25",
       lines: 3,
-      detail: 'a b="c"\\',
+      space: "a b",
+      equals: "a=b",
+      quote: 'a"b',
+      backslash: "a\\b",
       empty: "",
       odd: "\u00e9\n",
     });
     expect(line).toMatch(TIME);
     expect(line.replace(TIME, "")).toBe(
-      'event=session remote=[2001:db8::1]:25 lines=3 detail="a b=\\"c\\"\\\\" empty="" odd="\u00e9\\n"\n',
+      "event=session remote=[2001:db8::1]:25 lines=3 " +
+        'space="a b" equals="a=b" quote="a\\"b" backslash="a\\\\b" empty="" odd="\u00e9\\n"\n',
     );
   });
 
