@@ -10,20 +10,7 @@
 import { createServer } from "node:net";
 import type { AddressInfo, Socket } from "node:net";
 import process from "node:process";
-import { parseArgs } from "node:util";
-
-const { values } = parseArgs({
-  options: {
-    listen: { type: "string", default: "127.0.0.1:0" },
-    hostname: { type: "string", default: "bench.example" },
-  },
-});
-const [, host, port] = /^(.*):(\d+)$/.exec(values.listen)!;
-const REFUSE = `521 ${values.hostname} does not accept mail\r\n`;
-const CLOSING = `221 ${values.hostname} closing connection\r\n`;
-/** A line is QUIT only if it is exactly that; 8 bytes are enough to tell. */
-const HEAD = 8;
-const LF = 10;
+import { announce, CLOSING, HEAD, LF, LISTEN, REFUSE } from "./responder.ts";
 
 function respond(socket: Socket): void {
   // The start of the current line only: the responder keeps O(1) state per
@@ -45,13 +32,9 @@ function respond(socket: Socket): void {
 }
 
 const server = createServer(respond);
-server.listen({ host, port: Number(port) }, () => {
+server.listen(LISTEN, () => {
   const address = server.address() as AddressInfo;
-  // The same shape as smtp521's start line, so the bench reads both alike.
-  process.stderr.write(
-    `time=${new Date().toISOString()} event=start runtime=${runtime()} impl=node:net ` +
-      `listen=${address.address}:${address.port} pid=${process.pid}\n`,
-  );
+  announce(runtime(), "node:net", `${address.address}:${address.port}`);
 });
 
 // An orderly exit on SIGTERM (the default kills), so `node --cpu-prof` can write its profile.

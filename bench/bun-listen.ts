@@ -4,8 +4,7 @@
 //
 //   bun bench/bun-listen.ts --listen 127.0.0.1:0 --hostname bench.example
 
-import process from "node:process";
-import { parseArgs } from "node:util";
+import { announce, CLOSING, HEAD, LF, LISTEN, REFUSE } from "./responder.ts";
 
 // The few Bun APIs used, typed here: the project's tsconfig has Node's types only.
 interface State {
@@ -34,19 +33,6 @@ interface BunApi {
 }
 const bun = (globalThis as unknown as { Bun: BunApi }).Bun;
 
-const { values } = parseArgs({
-  options: {
-    listen: { type: "string", default: "127.0.0.1:0" },
-    hostname: { type: "string", default: "bench.example" },
-  },
-});
-const [, host, port] = /^(.*):(\d+)$/.exec(values.listen)!;
-const REFUSE = `521 ${values.hostname} does not accept mail\r\n`;
-const CLOSING = `221 ${values.hostname} closing connection\r\n`;
-/** A line is QUIT only if it is exactly that; 8 bytes are enough to tell. */
-const HEAD = 8;
-const LF = 10;
-
 // The replies are 40-odd bytes on a fresh socket, which the kernel always
 // takes whole, so a short write (Bun returns the count written) is not handled.
 function data(socket: BunSocket, chunk: Buffer): void {
@@ -63,8 +49,8 @@ function data(socket: BunSocket, chunk: Buffer): void {
 }
 
 const listener = bun.listen({
-  hostname: host,
-  port: Number(port),
+  hostname: LISTEN.host,
+  port: LISTEN.port,
   socket: {
     open(socket) {
       socket.data = { head: "" };
@@ -74,7 +60,4 @@ const listener = bun.listen({
     error() {}, // a reset ends the socket; nothing to do
   },
 });
-process.stderr.write(
-  `time=${new Date().toISOString()} event=start runtime=bun/${bun.version} impl=Bun.listen ` +
-    `listen=${listener.hostname}:${listener.port} pid=${process.pid}\n`,
-);
+announce(`bun/${bun.version}`, "Bun.listen", `${listener.hostname}:${listener.port}`);

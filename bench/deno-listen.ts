@@ -4,8 +4,7 @@
 //
 //   deno run --allow-net --no-prompt bench/deno-listen.ts --listen 127.0.0.1:0 --hostname bench.example
 
-import process from "node:process";
-import { parseArgs } from "node:util";
+import { announce, CLOSING as CLOSING_TEXT, HEAD, LF, LISTEN, REFUSE as REFUSE_TEXT } from "./responder.ts";
 
 // The few Deno APIs used, typed here: the project's tsconfig has Node's types only.
 interface Conn {
@@ -23,21 +22,11 @@ interface DenoApi {
 }
 const deno = (globalThis as unknown as { Deno: DenoApi }).Deno;
 
-const { values } = parseArgs({
-  options: {
-    listen: { type: "string", default: "127.0.0.1:0" },
-    hostname: { type: "string", default: "bench.example" },
-  },
-});
-const [, host, port] = /^(.*):(\d+)$/.exec(values.listen)!;
 const encoder = new TextEncoder();
-const REFUSE = encoder.encode(`521 ${values.hostname} does not accept mail\r\n`);
-const CLOSING = encoder.encode(`221 ${values.hostname} closing connection\r\n`);
-/** A line is QUIT only if it is exactly that; 8 bytes are enough to tell. */
-const HEAD = 8;
+const REFUSE = encoder.encode(REFUSE_TEXT);
+const CLOSING = encoder.encode(CLOSING_TEXT);
 /** One read buffer per connection; SMTP lines are at most 1000 octets. */
 const READ_SIZE = 1024;
-const LF = 10;
 const latin1 = new TextDecoder("latin1");
 
 /** `write` may take part of the bytes: loop until all are written. */
@@ -87,9 +76,6 @@ async function respond(conn: Conn): Promise<void> {
   }
 }
 
-const listener = deno.listen({ hostname: host, port: Number(port) });
-process.stderr.write(
-  `time=${new Date().toISOString()} event=start runtime=deno/${deno.version.deno} impl=Deno.listen ` +
-    `listen=${listener.addr.hostname}:${listener.addr.port} pid=${process.pid}\n`,
-);
+const listener = deno.listen({ hostname: LISTEN.host, port: LISTEN.port });
+announce(`deno/${deno.version.deno}`, "Deno.listen", `${listener.addr.hostname}:${listener.addr.port}`);
 for await (const conn of listener) respond(conn);
