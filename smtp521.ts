@@ -416,6 +416,7 @@ interface Conduit {
   destroy(): void;
   pause(): void;
   resume(): void;
+  isPaused(): boolean;
   on(event: "data", listener: (chunk: Uint8Array) => void): void;
   on(event: "end" | "close" | "error", listener: () => void): void;
   once(event: "drain", listener: () => void): void;
@@ -564,7 +565,10 @@ function linger(conversation: Conversation, reason: EndReason): void {
   conversation.end = reason;
   conversation.lingering = true;
   conversation.conduit.end();
-  conversation.conduit.resume(); // discard late bytes, so no reset destroys the reply in flight
+  // A reader paused for a peer that did not read resumes, to discard its late
+  // bytes so no reset destroys the reply in flight. Only then: resuming a
+  // flowing socket cost Deno about 4 µs and Bun 2 per session.
+  if (conversation.conduit.isPaused()) conversation.conduit.resume();
   conversation.at = Date.now() + LINGER_MS;
 }
 

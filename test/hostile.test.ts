@@ -138,6 +138,31 @@ describe("faults never crash and never leak (in process)", () => {
     await running.server.close(0);
     expect(timers()).toBeLessThanOrEqual(baseline); // none of ours is left
   });
+
+  it("lingers: a client still sending after the last reply gets every reply and a FIN, not a reset", async () => {
+    const running = await inProcess({ maxCommands: 20 });
+    try {
+      const { socket } = await hold(running.port);
+      const heard = new Promise<{ text: string; how: string }>((resolve) => {
+        let text = "";
+        socket.on("data", (chunk) => (text += chunk.toString("latin1")));
+        socket.on("end", () => resolve({ text, how: "end" }));
+        socket.on("error", (error: NodeJS.ErrnoException) => resolve({ text, how: error.code ?? "error" }));
+      });
+      // 40,000 lines (240 KB) at once, then more every 10 ms: the server stops at the 20th with
+      // most of them unread, and must not reset (a close with unread bytes sends an RST).
+      socket.write("NOOP\r\n".repeat(40_000));
+      const flood = setInterval(() => socket.writable && socket.write("NOOP\r\n".repeat(100)), 10);
+      const { text, how } = await heard;
+      clearInterval(flood);
+      expect(how).toBe("end");
+      expect(text).toBe(greeting(NAME).repeat(20));
+      await until(() => running.sessions().length === 1, 3000, "the session line");
+      expect(running.sessions()[0]).toMatchObject({ end: "limit", lines: 20 });
+    } finally {
+      await running.server.close(0);
+    }
+  });
 });
 
 describe("cross-protocol probes and slow clients (the real file)", () => {
