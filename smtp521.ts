@@ -453,7 +453,7 @@ interface Owner {
   readonly sweeper: Sweeper;
   /** The local port, for the log line. */
   readonly port: number | string;
-  closed(conversation: Conversation): void;
+  closed(conversation: Conversation, end: EndReason): void;
 }
 
 /**
@@ -518,7 +518,10 @@ function converse(
   (conduit as Carrier)[CONVERSATION] = conversation;
   owner.sweeper.add(conversation);
   conduit.on("data", onData);
-  conduit.on("end", onEnd);
+  // A TCP socket ends its own side when the client's FIN comes (allowHalfOpen is
+  // off) and then closes; stdin and stdout joined must be told. A listener fewer
+  // saves about 1 µs per session.
+  if (!(conduit instanceof Socket)) conduit.on("end", onEnd);
   conduit.on("error", onError);
   conduit.on("close", onClose);
   take(conversation, session.greeting);
@@ -542,7 +545,8 @@ function onError(this: Carrier): void {
 function onClose(this: Carrier): void {
   const conversation = this[CONVERSATION];
   conversation.owner.sweeper.remove(conversation);
-  conversation.owner.closed(conversation);
+  // No reason by now: the client's FIN ended it (errors and our own closes name theirs).
+  conversation.owner.closed(conversation, conversation.end ??= "client-closed");
 }
 function onDrain(this: Conduit): void {
   this.resume();
@@ -724,7 +728,7 @@ export async function serve(options: ServeOptions = {}): Promise<Smtp521Server> 
     o.log("session", { remote, local_port: localPort, mode: o.mode, duration_ms: Date.now() - started, lines, end });
   }
 
-  function closed(this: Owner, c: Conversation) {
+  function closed(this: Owner, c: Conversation, end: EndReason) {
     if (c.over) overloaded--;
     else {
       open--;
@@ -732,7 +736,7 @@ export async function serve(options: ServeOptions = {}): Promise<Smtp521Server> 
       if (left) perIp.set(c.ip, left);
       else perIp.delete(c.ip);
     }
-    logSession(c.end ?? "reset", c, this.port);
+    logSession(end, c, this.port);
   }
 
   /** A connection on a listener bound to `local` (its address is the name if none is fixed). */
@@ -855,8 +859,7 @@ export function serveStdio(options: StdioOptions = {}): { done: Promise<EndReaso
   const session = createSession({ ...o, name });
   const sweeper = deadlineSweeper(o.timeoutMs);
   const done = new Promise<EndReason>((resolve) => {
-    const closed = (c: Conversation) => {
-      const end = c.end ?? "reset";
+    const closed = (c: Conversation, end: EndReason) => {
       o.log("session", {
         remote: remoteIp ? hostPort(plainAddress(remoteIp), remotePort) : "-",
         local_port: localPort,

@@ -91,13 +91,19 @@ export interface Talk {
 }
 
 /**
- * Connect, optionally wait for the greeting, write `send`, and read until
- * the server closes (bounded by `ms`).
+ * Connect, optionally wait for the greeting, write `send` (then half-close if
+ * `halfClose`), and read until the server closes (bounded by `ms`).
  */
 export function talk(
   port: number,
   send: string | Uint8Array = "",
-  { host = "127.0.0.1", ms = 5000, afterGreeting = true, localAddress = undefined as string | undefined } = {},
+  {
+    host = "127.0.0.1",
+    ms = 5000,
+    afterGreeting = true,
+    halfClose = false,
+    localAddress = undefined as string | undefined,
+  } = {},
 ): Promise<Talk> {
   return new Promise((resolve) => {
     const begun = Date.now();
@@ -114,6 +120,7 @@ export function talk(
       if (sent) return;
       sent = true;
       if (send.length) socket.write(send);
+      if (halfClose) socket.end();
     };
     socket.on("connect", () => afterGreeting || write());
     socket.on("data", (chunk) => {

@@ -184,6 +184,29 @@ describe("cross-protocol probes and slow clients (the real file)", () => {
       }
     });
 
+    it("logs a client's FIN after a line as client-closed, after its reply, and a client's reset as reset", async () => {
+      const server = await start(runtime, ["--hostname", NAME]);
+      try {
+        const { socket: closing } = await hold(server.port);
+        const closed = new Promise<string>((resolve) => {
+          let text = "";
+          closing.on("data", (chunk) => (text += chunk.toString("latin1")));
+          closing.on("end", () => resolve(text));
+        });
+        closing.end("NOOP\r\n");
+        expect(await closed).toBe(greeting(NAME)); // the reply, then the server's own FIN
+        await server.waitFor(/lines=1 end=client-closed$/);
+        const { socket: resetting } = await hold(server.port);
+        resetting.on("error", () => {});
+        resetting.write("NOOP\r\nNOOP\r\n");
+        await new Promise((resolve) => resetting.once("data", resolve));
+        resetting.resetAndDestroy();
+        await server.waitFor(/lines=2 end=reset$/);
+      } finally {
+        await server.stop();
+      }
+    });
+
     it("times out a client that trickles bytes without an end of line: they do not extend it", async () => {
       const server = await start(runtime, ["--hostname", NAME, "--timeout", "1"]);
       try {

@@ -31,16 +31,16 @@ async function freePort(): Promise<number> {
 }
 
 /** Run `command` (a launcher that binds `port`), talk to it once, and return the talk and its stderr. */
-async function launch(command: string[], port: number, send: string) {
+async function launch(command: string[], port: number, send: string, halfClose = false) {
   const child = spawn(command[0], command.slice(1), { stdio: ["ignore", "ignore", "pipe"] });
   let stderr = "";
   child.stderr!.on("data", (chunk) => (stderr += chunk));
   try {
     const deadline = Date.now() + 10_000;
-    let got = await talk(port, send);
+    let got = await talk(port, send, { halfClose });
     while (got.ending === "reset" && got.text === "" && Date.now() < deadline) { // not listening yet
       await new Promise((resolve) => setTimeout(resolve, 100));
-      got = await talk(port, send);
+      got = await talk(port, send, { halfClose });
     }
     await new Promise((resolve) => setTimeout(resolve, 300)); // let the session's log line arrive
     return { got, stderr };
@@ -83,6 +83,19 @@ describe("--stdio: one session on standard input and output", () => {
       new RegExp(`event=session remote=${remote} local_port=${localPort} mode=greet .* lines=2 end=quit`),
     );
   });
+
+  it.each(ALL)(
+    "on %s under systemd Accept=yes, a client's FIN after a line: the reply, then its FIN",
+    async (runtime) => {
+      const port = await freePort();
+      const [command, ...pre] = RUNTIMES[runtime];
+      const launcher = ["systemd-socket-activate", "--accept", "--inetd", "-l", `127.0.0.1:${port}`];
+      const flags = exampleFlags("smtp521-inetd@.service");
+      const { got, stderr } = await launch([...launcher, command, ...pre, ...flags], port, "NOOP\r\n", true);
+      expect(got).toMatchObject({ text: greeting(NAME).repeat(2), ending: "fin" });
+      expect(stderr).toMatch(/event=session .* lines=1 end=client-closed/);
+    },
+  );
 
   it.each(ALL)(
     "on %s under systemd Accept=yes without --hostname: names itself by the local address",
