@@ -49,6 +49,9 @@ async function launch(command: string[], port: number, send: string, halfClose =
   }
 }
 
+/** systemd `Accept=yes` (the inetd example): one process per connection, the socket on stdin and stdout. */
+const acceptYes = (port: number) => ["systemd-socket-activate", "--accept", "--inetd", "-l", `127.0.0.1:${port}`];
+
 const has = (tool: string) => spawnSync("sh", ["-c", `command -v ${tool}`]).status === 0;
 
 describe("--stdio: one session on standard input and output", () => {
@@ -69,9 +72,8 @@ describe("--stdio: one session on standard input and output", () => {
   it.each(ALL)("on %s under systemd Accept=yes (the inetd example): the socket's addresses", async (runtime) => {
     const port = await freePort();
     const [command, ...pre] = RUNTIMES[runtime];
-    const launcher = ["systemd-socket-activate", "--accept", "--inetd", "-l", `127.0.0.1:${port}`];
     const { got, stderr } = await launch(
-      [...launcher, command, ...pre, ...exampleFlags("smtp521-inetd@.service")],
+      [...acceptYes(port), command, ...pre, ...exampleFlags("smtp521-inetd@.service")],
       port,
       "NOOP\r\nQUIT\r\n",
     );
@@ -89,9 +91,8 @@ describe("--stdio: one session on standard input and output", () => {
     async (runtime) => {
       const port = await freePort();
       const [command, ...pre] = RUNTIMES[runtime];
-      const launcher = ["systemd-socket-activate", "--accept", "--inetd", "-l", `127.0.0.1:${port}`];
       const flags = exampleFlags("smtp521-inetd@.service");
-      const { got, stderr } = await launch([...launcher, command, ...pre, ...flags], port, "NOOP\r\n", true);
+      const { got, stderr } = await launch([...acceptYes(port), command, ...pre, ...flags], port, "NOOP\r\n", true);
       expect(got).toMatchObject({ text: greeting(NAME).repeat(2), ending: "fin" });
       expect(stderr).toMatch(/event=session .* lines=1 end=client-closed/);
     },
@@ -102,8 +103,7 @@ describe("--stdio: one session on standard input and output", () => {
     async (runtime) => {
       const port = await freePort();
       const [command, ...pre] = RUNTIMES[runtime];
-      const launcher = ["systemd-socket-activate", "--accept", "--inetd", "-l", `127.0.0.1:${port}`];
-      const { got, stderr } = await launch([...launcher, command, ...pre, "--stdio"], port, "QUIT\r\n");
+      const { got, stderr } = await launch([...acceptYes(port), command, ...pre, "--stdio"], port, "QUIT\r\n");
       if (runtime === "bun") {
         // No socket addresses on Bun: tcpserver's variables, then the system name, then localhost with a warning.
         expect(got.text).toMatch(/^521 \S+ does not accept mail\r\n221 \S+ closing connection\r\n$/);
