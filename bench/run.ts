@@ -32,8 +32,11 @@ export interface Config extends HostileLoad {
   /** Client processes for the multi-client runs (N); the baseline is also run with N+1. */
   processes: number;
   concurrencies: number[];
-  /** Each rate measurement, and the warm-up before the first. */
+  /** Each rate measurement. */
   rateMs: number;
+  /** The warm-up that starts a rate phase, at 16 clients. */
+  rateWarmMs: number;
+  /** The unmeasured load before each rate measurement, at its concurrency; the hostile phase's warm-up. */
   warmMs: number;
   /** Idle connections held per step (two steps) for the memory figures, and the pause before RSS is read. */
   hold: number;
@@ -64,6 +67,9 @@ export const FULL: Config = {
   processes: 3,
   concurrencies: [1, 16, 128],
   rateMs: 3000,
+  // 1 s was too short: Deno's JIT still tiered up some 100 functions in the first window measured after it, and that
+  // window's p99 at 1 client came out 0.37-0.44 ms where the next ones gave 0.20-0.23 (bench/HISTORY.md, item 8).
+  rateWarmMs: 5000,
   warmMs: 1000,
   hold: 5000,
   settleMs: 1000,
@@ -86,6 +92,7 @@ export const SMOKE: Config = {
   ...FULL,
   repeats: 1,
   rateMs: 200,
+  rateWarmMs: 100,
   warmMs: 100,
   hold: 500,
   settleMs: 100,
@@ -160,16 +167,21 @@ async function withServer<T>(
   }
 }
 
-/** Sessions/s and greeting latency at each concurrency, after a warm-up; the baseline also with N+1 client processes. */
+/**
+ * Sessions/s and greeting latency at each concurrency, after a warm-up; the baseline also with N+1 client processes.
+ * Each window follows a second of the same load, unmeasured: the switch from one load to the next is not measured.
+ */
 async function ratePhase(where: Where): Promise<Record<string, Rate>> {
   const { pool, config } = where;
   return await withServer(where, "rate", async (server) => {
+    const measured = async (c: number, processes: number) => {
+      await measureRate(pool, server, c, processes, config.warmMs, config.leadMs);
+      return await steadyRate(where, server, c, processes);
+    };
     const rates: Record<string, Rate> = {};
-    await measureRate(pool, server, 16, config.processes, config.warmMs, config.leadMs); // JIT and buffers warm, not measured
-    for (const c of config.concurrencies) {
-      rates[String(c)] = await steadyRate(where, server, c, Math.min(c, config.processes));
-    }
-    if (where.impl === "baseline") rates["16@N+1"] = await steadyRate(where, server, 16, config.processes + 1);
+    await measureRate(pool, server, 16, config.processes, config.rateWarmMs, config.leadMs); // JIT and buffers warm
+    for (const c of config.concurrencies) rates[String(c)] = await measured(c, Math.min(c, config.processes));
+    if (where.impl === "baseline") rates["16@N+1"] = await measured(16, config.processes + 1);
     return rates;
   });
 }
@@ -269,7 +281,9 @@ function describeProduct(file: string): string {
 function settings(config: Config): string {
   return [
     `${config.repeats} repeats, servers one at a time, interleaved (baseline and smtp521 alternate who goes first)`,
-    `rate: ${config.rateMs / 1000} s per concurrency after a ${config.warmMs / 1000} s warm-up, ` +
+    `rate: a ${config.rateWarmMs / 1000} s warm-up at 16 clients, then at each concurrency ${
+      config.warmMs / 1000
+    } s unmeasured and ${config.rateMs / 1000} s measured, ` +
     `clients over ${config.processes} Node processes (1 for 1 client)`,
     `session = connect, read the 521 greeting, send QUIT, read the 221, close on the server's FIN; ` +
     `greeting latency from connect() to the whole greeting line`,
