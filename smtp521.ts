@@ -675,6 +675,18 @@ export function hostPort(ip: string, port: number | string): string {
   return ip.includes(":") ? `[${ip}]:${port}` : `${ip}:${port}`;
 }
 
+/** SPEC §6: the one line per finished session, over TCP and over stdio alike. */
+function sessionLine(
+  log: Log,
+  mode: Mode,
+  remote: string,
+  localPort: number | string,
+  { started, lines }: Pick<Conversation, "started" | "lines">,
+  end: EndReason,
+): void {
+  log("session", { remote, local_port: localPort, mode, duration_ms: Date.now() - started, lines, end });
+}
+
 function listenOn(server: Server, where: ListenAddress): Promise<AddressInfo> {
   return new Promise((resolve, reject) => {
     server.once("error", reject);
@@ -722,10 +734,9 @@ export async function serve(options: ServeOptions = {}): Promise<Smtp521Server> 
   }
 
   type Ended = Pick<Conversation, "ip" | "port" | "started" | "lines">;
-  function logSession(end: EndReason, { ip, port, started, lines }: Ended, localPort: number | string) {
+  function logSession(end: EndReason, c: Ended, localPort: number | string) {
     ended[end] = (ended[end] ?? 0) + 1;
-    const remote = ip ? hostPort(ip, port) : "-";
-    o.log("session", { remote, local_port: localPort, mode: o.mode, duration_ms: Date.now() - started, lines, end });
+    sessionLine(o.log, o.mode, c.ip ? hostPort(c.ip, c.port) : "-", localPort, c, end);
   }
 
   function closed(this: Owner, c: Conversation, end: EndReason) {
@@ -860,14 +871,7 @@ export function serveStdio(options: StdioOptions = {}): { done: Promise<EndReaso
   const sweeper = deadlineSweeper(o.timeoutMs);
   const done = new Promise<EndReason>((resolve) => {
     const closed = (c: Conversation, end: EndReason) => {
-      o.log("session", {
-        remote: remoteIp ? hostPort(plainAddress(remoteIp), remotePort) : "-",
-        local_port: localPort,
-        mode: o.mode,
-        duration_ms: Date.now() - c.started,
-        lines: c.lines,
-        end,
-      });
+      sessionLine(o.log, o.mode, remoteIp ? hostPort(plainAddress(remoteIp), remotePort) : "-", localPort, c, end);
       resolve(end);
     };
     converse(conduit, session, { idleMs: o.timeoutMs, sweeper, port: localPort, closed });
