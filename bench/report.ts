@@ -15,7 +15,8 @@ export interface Sample {
   repeat: number;
   /** By concurrency ("1", "16", "128"); the baseline also has "16@N+1" (one more client process). */
   rates: Record<string, Rate>;
-  held: Held;
+  /** Null for the control, which runs the rate phase only. */
+  held: Held | null;
   hostile: Hostile | null;
 }
 
@@ -40,20 +41,25 @@ export function figures(concurrencies: readonly number[], hold: number): Figure[
       get: (s) => s.rates[String(c)] && pick(s.rates[String(c)]),
     }));
   const hostile = (pick: (h: Hostile) => number) => (s: Sample) => s.hostile ? pick(s.hostile) : undefined;
+  const held = (pick: (h: Held) => number) => (s: Sample) => s.held ? pick(s.held) : undefined;
   return [
     ...perConcurrency("rate", "sessions/s", (r) => r.sessionsPerS),
     ...perConcurrency("p50", "greeting p50 ms", (r) => r.p50),
     ...perConcurrency("p99", "greeting p99 ms", (r) => r.p99),
     // The server's own CPU per session: the cleanest cost figure when client and server share the cores.
     ...perConcurrency("cpu", "server CPU µs per session", (r) => (1e6 * r.serverCpu) / r.sessionsPerS),
-    { key: "idle", label: "idle RSS MB (fresh process)", get: (s) => s.held.idle / MB },
-    { key: "held", label: `RSS MB, ${hold} idle connections held`, get: (s) => s.held.steps[0].rss / MB },
+    { key: "idle", label: "idle RSS MB (fresh process)", get: held((h) => h.idle / MB) },
+    { key: "held", label: `RSS MB, ${hold} idle connections held`, get: held((h) => h.steps[0].rss / MB) },
     {
       key: "perConnAvg",
       label: `RSS per held connection KB, first ${hold} (with one-time costs)`,
-      get: (s) => (s.held.steps[0].rss - s.held.idle) / s.held.steps[0].held / KB,
+      get: held((h) => (h.steps[0].rss - h.idle) / h.steps[0].held / KB),
     },
-    { key: "perConn", label: `RSS per held connection KB, next ${hold} (marginal)`, get: (s) => marginal(s.held) / KB },
+    {
+      key: "perConn",
+      label: `RSS per held connection KB, next ${hold} (marginal)`,
+      get: held((h) => marginal(h) / KB),
+    },
     { key: "hostileIdle", label: "hostile: RSS MB before", get: hostile((h) => h.idle / MB) },
     { key: "hostilePeak", label: "hostile: peak RSS MB", get: hostile((h) => h.peak / MB) },
     { key: "hostileGrowth", label: "hostile: peak - before, MB", get: hostile((h) => (h.peak - h.idle) / MB) },
@@ -90,6 +96,25 @@ export function ratios(samples: readonly Sample[], runtime: Runtime, impl: Impl,
   return mine.slice(0, theirs.length).map((value, i) => value / theirs[i]);
 }
 
+type AtConcurrency = { c: number; ratio: number };
+
+/** The median over the repeats of `impl / baseline` for a speed figure (`rate`, `p99`) at each concurrency. */
+function medianRatios(
+  samples: readonly Sample[],
+  runtime: Runtime,
+  impl: Impl,
+  concurrencies: readonly number[],
+  by: (key: string) => Figure,
+  prefix: string,
+): AtConcurrency[] {
+  return concurrencies.map((c) => ({
+    c,
+    ratio: spread(ratios(samples, runtime, impl, "baseline", by(`${prefix}@${c}`))).median,
+  }));
+}
+
+const list = (items: readonly AtConcurrency[]) => items.map((i) => `${fixed(i.ratio)}x@${i.c}`).join(", ");
+
 export type Verdict = "PASS" | "MISS";
 
 export interface Target {
@@ -106,19 +131,13 @@ const fixed = (value: number, digits = 2) => value.toFixed(digits);
 export function targets(samples: readonly Sample[], runtime: Runtime, concurrencies: readonly number[], hold: number) {
   const all = figures(concurrencies, hold);
   const by = (key: string) => all.find((f) => f.key === key)!;
-  const ratioAt = (prefix: string) =>
-    concurrencies.map((c) => ({
-      c,
-      ratio: spread(ratios(samples, runtime, "smtp521", "baseline", by(`${prefix}@${c}`))).median,
-    }));
-  const rate = ratioAt("rate");
+  const rate = medianRatios(samples, runtime, "smtp521", concurrencies, by, "rate");
   const worstRate = rate.reduce((a, b) => (b.ratio < a.ratio ? b : a));
-  const p99 = ratioAt("p99");
+  const p99 = medianRatios(samples, runtime, "smtp521", concurrencies, by, "p99");
   const worstP99 = p99.reduce((a, b) => (b.ratio > a.ratio ? b : a));
   const perConn = (impl: Impl) => spread(series(samples, runtime, impl, by("perConn"))).median;
   const extra = perConn("smtp521") - perConn("baseline");
   const growth = spread(series(samples, runtime, "smtp521", by("hostileGrowth"))).median;
-  const list = (items: { c: number; ratio: number }[]) => items.map((i) => `${fixed(i.ratio)}x@${i.c}`).join(", ");
   const result: Target[] = [
     {
       runtime,
@@ -216,6 +235,7 @@ export function markdown(samples: readonly Sample[], context: Context): string {
         ...judged.filter((t) => t.runtime === runtime).map((t) => `**${t.verdict}** ${t.detail}`),
       ]),
     ),
+    controlSummary(samples, context),
     ...runtimes.flatMap((runtime) => [
       `## ${context.versions[runtime] ?? runtime}: smtp521 against the node:net baseline`,
       "Median (min–max) over the repeats; the ratio is taken repeat by repeat.",
@@ -229,6 +249,8 @@ export function markdown(samples: readonly Sample[], context: Context): string {
         ]),
       ),
     ]),
+    "## The baseline against itself: how far a ratio moves when nothing differs",
+    controlCheck(samples, context),
     "## Is the load generator the bottleneck?",
     loadCheck(samples, context),
     "## Native listeners: Deno.listen and Bun.listen against node:net (bare responders, same runtime)",
@@ -297,6 +319,54 @@ function loadCheck(samples: readonly Sample[], context: Context): string {
     `Other programs' CPU during the rate windows (the machine may be shared; a window over ` +
     `${context.foreignMax * 100} % of a core is measured again): median ${num(spread(foreign).median)} %, ` +
     `max ${num(spread(foreign).max)} % of a core.`,
+  ].join("\n\n");
+}
+
+/** The speed figures that can be told apart from noise only by the control. */
+const SPEED = /^(rate|p50|p99|cpu)@/;
+
+/** The control's ratios in the targets' terms, under the targets table. */
+function controlSummary(samples: readonly Sample[], context: Context): string {
+  const { runtimes, concurrencies, hold } = context;
+  const all = figures(concurrencies, hold);
+  const by = (key: string) => all.find((f) => f.key === key)!;
+  const measured = runtimes.filter((runtime) => samples.some((s) => s.runtime === runtime && s.impl === "control"));
+  if (!measured.length) return "The control (the baseline against itself) was not run.";
+  return [
+    "The same ratios for the control, a second process of the baseline's own file run between the same servers: " +
+    'what this run gives when nothing differs (section "The baseline against itself").',
+    table(
+      ["runtime", "sessions/s, control / baseline", "p99 greeting, control / baseline"],
+      measured.map((runtime) => [
+        runtime,
+        list(medianRatios(samples, runtime, "control", concurrencies, by, "rate")),
+        list(medianRatios(samples, runtime, "control", concurrencies, by, "p99")),
+      ]),
+    ),
+  ].join("\n\n");
+}
+
+/** Every speed figure of the control against the baseline, repeat by repeat. */
+function controlCheck(samples: readonly Sample[], context: Context): string {
+  const speed = figures(context.concurrencies, context.hold).filter((f) => SPEED.test(f.key));
+  const rows = context.runtimes.flatMap((runtime) =>
+    samples.some((s) => s.runtime === runtime && s.impl === "control")
+      ? speed.map((f) => [
+        runtime,
+        f.label,
+        cell(series(samples, runtime, "baseline", f)),
+        cell(series(samples, runtime, "control", f)),
+        cell(ratios(samples, runtime, "control", "baseline", f)),
+        cell(ratios(samples, runtime, "smtp521", "baseline", f)),
+      ])
+      : []
+  );
+  return [
+    "The control is bench/baseline.ts again, started as a server of its own and measured exactly as the baseline " +
+    "and smtp521 are. Its ratio to the baseline is 1 but for noise: the spread of its ratios is how far a ratio of " +
+    "this run moves between two runs of one file. A ratio of smtp521's that lies within it is not a difference the " +
+    "run can show.",
+    table(["runtime", "figure", "baseline", "control", "control / baseline", "smtp521 / baseline"], rows),
   ].join("\n\n");
 }
 

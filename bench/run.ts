@@ -115,11 +115,16 @@ const elapsed = (() => {
 const progress = (text: string) => process.stderr.write(`bench ${elapsed()}: ${text}\n`);
 const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
 
-/** The servers measured on a runtime: the baseline, smtp521, and the runtime's native responder if it has one. */
+/**
+ * The servers measured on a runtime: the baseline, smtp521 and the control,
+ * then the runtime's native responder if it has one. smtp521 runs between the
+ * baseline and the control, and they swap places every repeat, so smtp521 and
+ * the control each meet the baseline in the same order.
+ */
 function implsFor(runtime: Runtime, repeat: number, only: readonly Impl[]): Impl[] {
-  const pair: Impl[] = repeat % 2 ? ["smtp521", "baseline"] : ["baseline", "smtp521"]; // alternate who goes first
+  const trio: Impl[] = repeat % 2 ? ["control", "smtp521", "baseline"] : ["baseline", "smtp521", "control"];
   const native = NATIVE[runtime];
-  return (native ? [...pair, native] : pair).filter((impl) => only.includes(impl));
+  return (native ? [...trio, native] : trio).filter((impl) => only.includes(impl));
 }
 
 interface Where {
@@ -213,7 +218,8 @@ async function hostilePhase(where: Where) {
 
 async function measure(where: Where, repeat: number): Promise<Sample> {
   const rates = await ratePhase(where);
-  const held = await memoryPhase(where);
+  // The control only tells how far the speed figures move between two runs of one file; memory does not move so.
+  const held = where.impl === "control" ? null : await memoryPhase(where);
   // The native responders are only compared on rate and memory (issue 7, item 5).
   const hostile = where.impl === "baseline" || where.impl === "smtp521" ? await hostilePhase(where) : null;
   const failures = Object.values(rates).reduce((sum, r) => sum + r.failures, 0);
@@ -221,7 +227,7 @@ async function measure(where: Where, repeat: number): Promise<Sample> {
     `${where.runtime} ${where.impl} #${repeat + 1}: ${
       Object.entries(rates).map(([c, r]) => `${r.sessionsPerS.toFixed(0)}/s@${c}`).join(" ")
     }` +
-      `, ${(marginal(held) / 1024).toFixed(2)} KB/conn` +
+      (held ? `, ${(marginal(held) / 1024).toFixed(2)} KB/conn` : "") +
       (hostile ? `, hostile +${((hostile.peak - hostile.idle) / MB).toFixed(1)} MB` : "") +
       (failures ? `, ${failures} failed sessions` : ""),
   );
@@ -280,7 +286,8 @@ function describeProduct(file: string): string {
 
 function settings(config: Config): string {
   return [
-    `${config.repeats} repeats, servers one at a time, interleaved (baseline and smtp521 alternate who goes first)`,
+    `${config.repeats} repeats, servers one at a time, interleaved (baseline, smtp521, control in one repeat; ` +
+    `control, smtp521, baseline in the next; the control is the baseline's file again, rate phase only)`,
     `rate: a ${config.rateWarmMs / 1000} s warm-up at 16 clients, then at each concurrency ${
       config.warmMs / 1000
     } s unmeasured and ${config.rateMs / 1000} s measured, ` +

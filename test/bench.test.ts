@@ -33,9 +33,15 @@ it("bench/run.ts --smoke: a finite positive figure for every server on every run
 
     const { config, samples, verdicts } = JSON.parse(readFileSync(join(out, "results.json"), "utf8")) as Output;
     expect(new Set(samples.map((s) => `${s.runtime} ${s.impl}`))).toEqual(
-      new Set(["node baseline", "node smtp521", "deno baseline", "deno smtp521", "deno deno-listen", "bun baseline"]
-        .concat(["bun smtp521", "bun bun-listen"])),
+      new Set(
+        RUNTIMES.flatMap((r) => [`${r} baseline`, `${r} smtp521`, `${r} control`])
+          .concat(["deno deno-listen", "bun bun-listen"]),
+      ),
     );
+    // The control runs the rate phase only: its speed is the question, its memory the baseline's.
+    for (const sample of samples) {
+      expect(sample.held === null, `${sample.runtime} ${sample.impl}`).toBe(sample.impl === "control");
+    }
     for (const sample of samples) {
       for (const figure of figures(config.concurrencies, config.hold)) {
         const value = figure.get(sample);
@@ -57,6 +63,11 @@ it("bench/run.ts --smoke: a finite positive figure for every server on every run
     for (const runtime of RUNTIMES) {
       expect(markdown).toMatch(new RegExp(`^\\| ${runtime} +\\| \\*\\*(PASS|MISS)\\*\\*`, "m"));
       expect(markdown).toMatch(new RegExp(`^## .*${runtime}.*: smtp521 against the node:net baseline$`, "im"));
+    }
+    for (const runtime of RUNTIMES) {
+      // The control's ratios under the targets, and its figures against the baseline's.
+      expect(markdown).toMatch(new RegExp(`^\\| ${runtime} +\\| [\\d.]+x@1, [\\d.]+x@16, [\\d.]+x@128 +\\|`, "m"));
+      expect(markdown).toMatch(new RegExp(`^\\| ${runtime} +\\| greeting p99 ms, 16 clients +\\|`, "m"));
     }
     expect(markdown).toMatch(/^\| deno: Deno\.listen +\| sessions\/s, 16 clients +\|/m);
     expect(markdown).toMatch(/^\| bun: Bun\.listen +\| sessions\/s, 16 clients +\|/m);
