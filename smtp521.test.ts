@@ -472,6 +472,12 @@ describe("log lines (SPEC §6)", () => {
     expect(parsed).toMatchObject({ event: "session", remote: "-", lines: 0 });
   });
 
+  it("takes the time an event happened, if given, in both formats", () => {
+    const at = Date.UTC(2026, 10, 30, 1, 2, 3, 45);
+    expect(formatLine("text", "x", { n: 1 }, at)).toBe("time=2026-11-30T01:02:03.045Z event=x n=1\n");
+    expect(JSON.parse(formatLine("json", "x", {}, at + 1000)).time).toBe("2026-11-30T01:02:04.045Z");
+  });
+
   it("keeps the time current across lines", async () => {
     const first = /^time=(\S+)/.exec(formatLine("text", "x", {}))![1];
     await new Promise((resolve) => setTimeout(resolve, 5));

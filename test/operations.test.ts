@@ -8,6 +8,7 @@ import { connect, createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { describe, expect, it } from "vitest";
+import { serve } from "../smtp521.ts";
 import { BIN, FILE, greeting, ROOT, run, type Runtime, RUNTIMES, start, talk } from "./helpers.ts";
 
 const NAME = "mail.example.org"; // the name the examples use
@@ -249,6 +250,33 @@ describe("logs", () => {
     expect(server.log[0]).toMatch(
       /^time=\S+ event=start version=\S+ runtime=node\/\S+ mode=greet name=mail\.example\.org/,
     );
+  });
+
+  it("in process: each session line has the time its session ended, and close() hands on every line first", async () => {
+    const logged: { event: string; at?: number; fields: Readonly<Record<string, string | number>> }[] = [];
+    const server = await serve({
+      hostname: NAME,
+      listen: [{ host: "127.0.0.1", port: 0 }],
+      log: (event, fields, at) => logged.push({ event, fields, at }),
+    });
+    const { port } = server.addresses[0];
+    const windows: [number, number][] = [];
+    for (const pause of [0, 60]) { // the second session ends after the first one's batch would have gone out
+      await new Promise((resolve) => setTimeout(resolve, pause));
+      const begun = Date.now();
+      expect((await talk(port, "QUIT\r\n")).ending).toBe("fin");
+      windows.push([begun, Date.now()]);
+    }
+    await server.close(0); // at once: the second line is still waiting for its batch
+    const sessions = logged.filter((entry) => entry.event === "session");
+    expect(sessions).toHaveLength(2);
+    sessions.forEach(({ at, fields }, i) => {
+      const [begun, ended] = windows[i];
+      expect(at, `session ${i + 1}`).toBeGreaterThanOrEqual(begun);
+      expect(at, `session ${i + 1}`).toBeLessThanOrEqual(ended + 5); // the server may see the close a little later
+      expect(fields).toMatchObject({ local_port: port, lines: 1, end: "quit" });
+      expect(fields.duration_ms).toBeLessThanOrEqual(ended + 5 - begun);
+    });
   });
 
   it("--log off: no session lines", () => {
