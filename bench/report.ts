@@ -325,12 +325,16 @@ function loadCheck(samples: readonly Sample[], context: Context): string {
 /** The speed figures that can be told apart from noise only by the control. */
 const SPEED = /^(rate|p50|p99|cpu)@/;
 
+/** The runtimes this run measured the control on. */
+const controlled = (samples: readonly Sample[], runtimes: readonly Runtime[]) =>
+  runtimes.filter((runtime) => samples.some((s) => s.runtime === runtime && s.impl === "control"));
+
 /** The control's ratios in the targets' terms, under the targets table. */
 function controlSummary(samples: readonly Sample[], context: Context): string {
   const { runtimes, concurrencies, hold } = context;
   const all = figures(concurrencies, hold);
   const by = (key: string) => all.find((f) => f.key === key)!;
-  const measured = runtimes.filter((runtime) => samples.some((s) => s.runtime === runtime && s.impl === "control"));
+  const measured = controlled(samples, runtimes);
   if (!measured.length) return "The control (the baseline against itself) was not run.";
   return [
     "The same ratios for the control, a second process of the baseline's own file run between the same servers: " +
@@ -349,17 +353,15 @@ function controlSummary(samples: readonly Sample[], context: Context): string {
 /** Every speed figure of the control against the baseline, repeat by repeat. */
 function controlCheck(samples: readonly Sample[], context: Context): string {
   const speed = figures(context.concurrencies, context.hold).filter((f) => SPEED.test(f.key));
-  const rows = context.runtimes.flatMap((runtime) =>
-    samples.some((s) => s.runtime === runtime && s.impl === "control")
-      ? speed.map((f) => [
-        runtime,
-        f.label,
-        cell(series(samples, runtime, "baseline", f)),
-        cell(series(samples, runtime, "control", f)),
-        cell(ratios(samples, runtime, "control", "baseline", f)),
-        cell(ratios(samples, runtime, "smtp521", "baseline", f)),
-      ])
-      : []
+  const rows = controlled(samples, context.runtimes).flatMap((runtime) =>
+    speed.map((f) => [
+      runtime,
+      f.label,
+      cell(series(samples, runtime, "baseline", f)),
+      cell(series(samples, runtime, "control", f)),
+      cell(ratios(samples, runtime, "control", "baseline", f)),
+      cell(ratios(samples, runtime, "smtp521", "baseline", f)),
+    ])
   );
   return [
     "The control is bench/baseline.ts again, started as a server of its own and measured exactly as the baseline " +

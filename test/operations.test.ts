@@ -270,12 +270,14 @@ describe("logs", () => {
     await server.close(0); // at once: the second line is still waiting for its batch
     const sessions = logged.filter((entry) => entry.event === "session");
     expect(sessions).toHaveLength(2);
+    const SLACK_MS = 20;
     sessions.forEach(({ at, fields }, i) => {
       const [begun, ended] = windows[i];
       expect(at, `session ${i + 1}`).toBeGreaterThanOrEqual(begun);
-      expect(at, `session ${i + 1}`).toBeLessThanOrEqual(ended + 5); // the server may see the close a little later
+      // The server may see the close a little after the client; a line timed at its batch would be ~50 ms late.
+      expect(at, `session ${i + 1}`).toBeLessThanOrEqual(ended + SLACK_MS);
       expect(fields).toMatchObject({ local_port: port, lines: 1, end: "quit" });
-      expect(fields.duration_ms).toBeLessThanOrEqual(ended + 5 - begun);
+      expect(fields.duration_ms).toBeLessThanOrEqual(ended + SLACK_MS - begun);
     });
   });
 
