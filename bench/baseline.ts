@@ -10,7 +10,7 @@
 import { createServer } from "node:net";
 import type { AddressInfo, Socket } from "node:net";
 import process from "node:process";
-import { announce, CLOSING, HEAD, LF, LISTEN, REFUSE } from "./responder.ts";
+import { announce, CLOSING, HEAD, LF, LISTEN, REFUSE, runtime } from "./responder.ts";
 
 function respond(socket: Socket): void {
   // The start of the current line only: the responder keeps O(1) state per
@@ -39,9 +39,3 @@ server.listen(LISTEN, () => {
 
 // An orderly exit on SIGTERM (the default kills), so `node --cpu-prof` can write its profile.
 process.on("SIGTERM", () => process.exit(0));
-
-function runtime(): string {
-  const global = globalThis as { Deno?: { version: { deno: string } }; Bun?: { version: string } };
-  if (global.Deno) return `deno/${global.Deno.version.deno}`;
-  return global.Bun ? `bun/${global.Bun.version}` : `node/${process.versions.node}`;
-}

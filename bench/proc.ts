@@ -20,15 +20,17 @@ export type Runtime = (typeof RUNTIMES)[number];
 /**
  * The servers measured: the product, the node:net baseline, the same baseline
  * again in a process of its own (the control: how far a ratio moves when
- * nothing differs), and the two native bare responders.
+ * nothing differs), the baseline plus only the per-session work SPEC asks
+ * (the floor), and the two native bare responders.
  */
-export const IMPLS = ["baseline", "smtp521", "control", "deno-listen", "bun-listen"] as const;
+export const IMPLS = ["baseline", "smtp521", "control", "floor", "deno-listen", "bun-listen"] as const;
 export type Impl = (typeof IMPLS)[number];
 
 export const FILES: Record<Impl, string> = {
   baseline: join(ROOT, "bench", "baseline.ts"),
   smtp521: join(ROOT, "smtp521.ts"),
   control: join(ROOT, "bench", "baseline.ts"),
+  floor: join(ROOT, "bench", "floor.ts"),
   "deno-listen": join(ROOT, "bench", "deno-listen.ts"),
   "bun-listen": join(ROOT, "bench", "bun-listen.ts"),
 };

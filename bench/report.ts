@@ -15,7 +15,7 @@ export interface Sample {
   repeat: number;
   /** By concurrency ("1", "16", "128"); the baseline also has "16@N+1" (one more client process). */
   rates: Record<string, Rate>;
-  /** Null for the control, which runs the rate phase only. */
+  /** Null for the control and the floor, which run the rate phase only. */
   held: Held | null;
   hostile: Hostile | null;
 }
@@ -98,7 +98,7 @@ export function ratios(samples: readonly Sample[], runtime: Runtime, impl: Impl,
 
 type AtConcurrency = { c: number; ratio: number };
 
-/** The median over the repeats of `impl / baseline` for a speed figure (`rate`, `p99`) at each concurrency. */
+/** The median over the repeats of `impl / against` for a speed figure (`rate`, `p99`) at each concurrency. */
 function medianRatios(
   samples: readonly Sample[],
   runtime: Runtime,
@@ -106,10 +106,11 @@ function medianRatios(
   concurrencies: readonly number[],
   by: (key: string) => Figure,
   prefix: string,
+  against: Impl = "baseline",
 ): AtConcurrency[] {
   return concurrencies.map((c) => ({
     c,
-    ratio: spread(ratios(samples, runtime, impl, "baseline", by(`${prefix}@${c}`))).median,
+    ratio: spread(ratios(samples, runtime, impl, against, by(`${prefix}@${c}`))).median,
   }));
 }
 
@@ -236,6 +237,7 @@ export function markdown(samples: readonly Sample[], context: Context): string {
       ]),
     ),
     controlSummary(samples, context),
+    floorSummary(samples, context),
     ...runtimes.flatMap((runtime) => [
       `## ${context.versions[runtime] ?? runtime}: smtp521 against the node:net baseline`,
       "Median (min–max) over the repeats; the ratio is taken repeat by repeat.",
@@ -251,6 +253,8 @@ export function markdown(samples: readonly Sample[], context: Context): string {
     ]),
     "## The baseline against itself: how far a ratio moves when nothing differs",
     controlCheck(samples, context),
+    "## The floor: what SPEC's per-session work costs, and smtp521's own cost beyond it",
+    floorCheck(samples, context),
     "## Is the load generator the bottleneck?",
     loadCheck(samples, context),
     "## Native listeners: Deno.listen and Bun.listen against node:net (bare responders, same runtime)",
@@ -325,16 +329,16 @@ function loadCheck(samples: readonly Sample[], context: Context): string {
 /** The speed figures that can be told apart from noise only by the control. */
 const SPEED = /^(rate|p50|p99|cpu)@/;
 
-/** The runtimes this run measured the control on. */
-const controlled = (samples: readonly Sample[], runtimes: readonly Runtime[]) =>
-  runtimes.filter((runtime) => samples.some((s) => s.runtime === runtime && s.impl === "control"));
+/** The runtimes this run measured `impl` on. */
+const measuredOn = (samples: readonly Sample[], runtimes: readonly Runtime[], impl: Impl) =>
+  runtimes.filter((runtime) => samples.some((s) => s.runtime === runtime && s.impl === impl));
 
 /** The control's ratios in the targets' terms, under the targets table. */
 function controlSummary(samples: readonly Sample[], context: Context): string {
   const { runtimes, concurrencies, hold } = context;
   const all = figures(concurrencies, hold);
   const by = (key: string) => all.find((f) => f.key === key)!;
-  const measured = controlled(samples, runtimes);
+  const measured = measuredOn(samples, runtimes, "control");
   if (!measured.length) return "The control (the baseline against itself) was not run.";
   return [
     "The same ratios for the control, a second process of the baseline's own file run between the same servers: " +
@@ -353,7 +357,7 @@ function controlSummary(samples: readonly Sample[], context: Context): string {
 /** Every speed figure of the control against the baseline, repeat by repeat. */
 function controlCheck(samples: readonly Sample[], context: Context): string {
   const speed = figures(context.concurrencies, context.hold).filter((f) => SPEED.test(f.key));
-  const rows = controlled(samples, context.runtimes).flatMap((runtime) =>
+  const rows = measuredOn(samples, context.runtimes, "control").flatMap((runtime) =>
     speed.map((f) => [
       runtime,
       f.label,
@@ -369,6 +373,64 @@ function controlCheck(samples: readonly Sample[], context: Context): string {
     "this run moves between two runs of one file. A ratio of smtp521's that lies within it is not a difference the " +
     "run can show.",
     table(["runtime", "figure", "baseline", "control", "control / baseline", "smtp521 / baseline"], rows),
+  ].join("\n\n");
+}
+
+/** The floor against the baseline and smtp521 against the floor, in the targets' terms, under the targets table. */
+function floorSummary(samples: readonly Sample[], context: Context): string {
+  const { runtimes, concurrencies, hold } = context;
+  const all = figures(concurrencies, hold);
+  const by = (key: string) => all.find((f) => f.key === key)!;
+  const measured = measuredOn(samples, runtimes, "floor");
+  if (!measured.length) return "The floor (the baseline plus SPEC's per-session work) was not run.";
+  return [
+    "The floor is the baseline plus the least SPEC asks of every session: the client's address read once (SPEC §4, " +
+    '§6) and one session line logged (SPEC §6) (section "The floor"). smtp521 / baseline splits into ' +
+    "floor / baseline, what SPEC asks, and smtp521 / floor, what smtp521's own code adds:",
+    table(
+      [
+        "runtime",
+        "sessions/s, floor / baseline",
+        "sessions/s, smtp521 / floor",
+        "p99 greeting, floor / baseline",
+        "p99 greeting, smtp521 / floor",
+      ],
+      measured.map((runtime) => [
+        runtime,
+        list(medianRatios(samples, runtime, "floor", concurrencies, by, "rate")),
+        list(medianRatios(samples, runtime, "smtp521", concurrencies, by, "rate", "floor")),
+        list(medianRatios(samples, runtime, "floor", concurrencies, by, "p99")),
+        list(medianRatios(samples, runtime, "smtp521", concurrencies, by, "p99", "floor")),
+      ]),
+    ),
+  ].join("\n\n");
+}
+
+/** Every speed figure of the floor against the baseline, and of smtp521 against the floor, repeat by repeat. */
+function floorCheck(samples: readonly Sample[], context: Context): string {
+  const speed = figures(context.concurrencies, context.hold).filter((f) => SPEED.test(f.key));
+  const rows = measuredOn(samples, context.runtimes, "floor").flatMap((runtime) =>
+    speed.map((f) => [
+      runtime,
+      f.label,
+      cell(series(samples, runtime, "baseline", f)),
+      cell(series(samples, runtime, "floor", f)),
+      cell(series(samples, runtime, "smtp521", f)),
+      cell(ratios(samples, runtime, "floor", "baseline", f)),
+      cell(ratios(samples, runtime, "smtp521", "floor", f)),
+    ])
+  );
+  return [
+    "bench/floor.ts is bench/baseline.ts plus what SPEC asks of every session and nothing else: it reads the " +
+    "client's address and port once per connection (the per-address limit of SPEC §4 and the `remote=` of SPEC §6 " +
+    "need them) and logs one session line per connection to stderr (SPEC §6), 50 ms of lines per write, as smtp521 " +
+    "does. It has no limits, time-outs, session core or lingering. floor / baseline is the cost of that work, which " +
+    "the targets count against smtp521; smtp521 / floor is the cost of everything else smtp521 does. The targets " +
+    "themselves stay against the bare baseline.",
+    table(
+      ["runtime", "figure", "baseline", "floor", "smtp521", "floor / baseline", "smtp521 / floor"],
+      rows,
+    ),
   ].join("\n\n");
 }
 

@@ -31,3 +31,10 @@ export function announce(runtime: string, impl: string, listen: string): void {
     } event=start runtime=${runtime} impl=${impl} listen=${listen} pid=${process.pid}\n`,
   );
 }
+
+/** `node/24.21.0`, `deno/2.9.6`, `bun/1.4.5`: the start line's `runtime=`. */
+export function runtime(): string {
+  const global = globalThis as { Deno?: { version: { deno: string } }; Bun?: { version: string } };
+  if (global.Deno) return `deno/${global.Deno.version.deno}`;
+  return global.Bun ? `bun/${global.Bun.version}` : `node/${process.versions.node}`;
+}

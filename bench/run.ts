@@ -1,7 +1,7 @@
 // The benchmark of issue 7: smtp521 against a bare node:net responder on
 // Node 24, Deno and Bun, one server at a time, interleaved over the repeats.
 //
-//   npm run bench                      # full run (~9 min): bench/RESULTS.md, raw data and logs in bench/out/
+//   npm run bench                      # full run (~18 min): bench/RESULTS.md, raw data and logs in bench/out/
 //   node bench/run.ts --smoke          # tiny counts, a few seconds; writes to a temp dir only
 //   node bench/run.ts --out DIR        # everything (RESULTS.md too) under DIR
 //   --runtimes node,bun  --impls baseline,smtp521  --repeats N  --processes N
@@ -116,15 +116,18 @@ const progress = (text: string) => process.stderr.write(`bench ${elapsed()}: ${t
 const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
 
 /**
- * The servers measured on a runtime: the baseline, smtp521 and the control,
- * then the runtime's native responder if it has one. smtp521 runs between the
- * baseline and the control, and they swap places every repeat, so smtp521 and
- * the control each meet the baseline in the same order.
+ * The servers measured on a runtime: the baseline, the floor, smtp521 and the
+ * control, then the runtime's native responder if it has one. The baseline and
+ * the control take the ends and swap them every repeat, as smtp521 and the
+ * floor do the middle, so smtp521 and the control each meet the baseline in
+ * the same order, and smtp521 and the floor do.
  */
 function implsFor(runtime: Runtime, repeat: number, only: readonly Impl[]): Impl[] {
-  const trio: Impl[] = repeat % 2 ? ["control", "smtp521", "baseline"] : ["baseline", "smtp521", "control"];
+  const four: Impl[] = repeat % 2
+    ? ["control", "smtp521", "floor", "baseline"]
+    : ["baseline", "floor", "smtp521", "control"];
   const native = NATIVE[runtime];
-  return (native ? [...trio, native] : trio).filter((impl) => only.includes(impl));
+  return (native ? [...four, native] : four).filter((impl) => only.includes(impl));
 }
 
 interface Where {
@@ -218,8 +221,9 @@ async function hostilePhase(where: Where) {
 
 async function measure(where: Where, repeat: number): Promise<Sample> {
   const rates = await ratePhase(where);
-  // The control only tells how far the speed figures move between two runs of one file; memory does not move so.
-  const held = where.impl === "control" ? null : await memoryPhase(where);
+  // The control tells how far the speed figures move between two runs of one file, the floor what SPEC's
+  // per-session work costs in speed: neither question is about memory.
+  const held = where.impl === "control" || where.impl === "floor" ? null : await memoryPhase(where);
   // The native responders are only compared on rate and memory (issue 7, item 5).
   const hostile = where.impl === "baseline" || where.impl === "smtp521" ? await hostilePhase(where) : null;
   const failures = Object.values(rates).reduce((sum, r) => sum + r.failures, 0);
@@ -286,8 +290,9 @@ function describeProduct(file: string): string {
 
 function settings(config: Config): string {
   return [
-    `${config.repeats} repeats, servers one at a time, interleaved (baseline, smtp521, control in one repeat; ` +
-    `control, smtp521, baseline in the next; the control is the baseline's file again, rate phase only)`,
+    `${config.repeats} repeats, servers one at a time, interleaved (baseline, floor, smtp521, control in one ` +
+    `repeat; control, smtp521, floor, baseline in the next; the control is the baseline's file again, the floor ` +
+    `bench/floor.ts, both rate phase only)`,
     `rate: a ${config.rateWarmMs / 1000} s warm-up at 16 clients, then at each concurrency ${
       config.warmMs / 1000
     } s unmeasured and ${config.rateMs / 1000} s measured, ` +

@@ -34,13 +34,26 @@ it("bench/run.ts --smoke: a finite positive figure for every server on every run
     const { config, samples, verdicts } = JSON.parse(readFileSync(join(out, "results.json"), "utf8")) as Output;
     expect(new Set(samples.map((s) => `${s.runtime} ${s.impl}`))).toEqual(
       new Set(
-        RUNTIMES.flatMap((r) => [`${r} baseline`, `${r} smtp521`, `${r} control`])
+        RUNTIMES.flatMap((r) => [`${r} baseline`, `${r} smtp521`, `${r} control`, `${r} floor`])
           .concat(["deno deno-listen", "bun bun-listen"]),
       ),
     );
-    // The control runs the rate phase only: its speed is the question, its memory the baseline's.
+    // The control and the floor run the rate phase only: their speed is the question, their memory the baseline's.
     for (const sample of samples) {
-      expect(sample.held === null, `${sample.runtime} ${sample.impl}`).toBe(sample.impl === "control");
+      expect(sample.held === null, `${sample.runtime} ${sample.impl}`).toBe(["control", "floor"].includes(sample.impl));
+    }
+    // The floor does the work it stands for: a session line, with the client's address and port, per session.
+    for (const runtime of RUNTIMES) {
+      const log = readFileSync(join(out, "logs", `${runtime}-floor-rate.log`), "utf8");
+      const quits = log.match(
+        /^time=\S+Z event=session remote=127\.0\.0\.1:\d+ local_port=\d+ mode=greet duration_ms=\d+ lines=1 end=quit$/gm,
+      );
+      const counted = samples.filter((s) => s.runtime === runtime && s.impl === "floor")
+        .reduce(
+          (sum, s) => sum + Object.values(s.rates).reduce((n, r) => n + r.sessionsPerS * config.rateMs / 1000, 0),
+          0,
+        );
+      expect(quits?.length ?? 0, `${runtime} floor session lines`).toBeGreaterThanOrEqual(Math.round(counted));
     }
     for (const sample of samples) {
       for (const figure of figures(config.concurrencies, config.hold)) {
@@ -68,6 +81,14 @@ it("bench/run.ts --smoke: a finite positive figure for every server on every run
       // The control's ratios under the targets, and its figures against the baseline's.
       expect(markdown).toMatch(new RegExp(`^\\| ${runtime} +\\| [\\d.]+x@1, [\\d.]+x@16, [\\d.]+x@128 +\\|`, "m"));
       expect(markdown).toMatch(new RegExp(`^\\| ${runtime} +\\| greeting p99 ms, 16 clients +\\|`, "m"));
+    }
+    // The floor's ratios under the targets, and its figures against the baseline's and smtp521's.
+    const summaryAt = markdown.indexOf("The floor is the baseline plus");
+    const floorSummary = markdown.slice(summaryAt, markdown.indexOf("\n## ", summaryAt));
+    const floorSection = markdown.slice(markdown.indexOf("## The floor:")).split("\n## ")[0];
+    for (const runtime of RUNTIMES) {
+      expect(floorSummary).toMatch(new RegExp(`^\\| ${runtime} +\\| [\\d.]+x@1, [\\d.]+x@16, [\\d.]+x@128 +\\|`, "m"));
+      expect(floorSection).toMatch(new RegExp(`^\\| ${runtime} +\\| server CPU µs per session, 16 clients +\\|`, "m"));
     }
     expect(markdown).toMatch(/^\| deno: Deno\.listen +\| sessions\/s, 16 clients +\|/m);
     expect(markdown).toMatch(/^\| bun: Bun\.listen +\| sessions\/s, 16 clients +\|/m);
