@@ -49,6 +49,8 @@ function respond(socket: Socket, localPort: number): void {
       `duration_ms=${now - started} lines=${lines} end=${end}\n`;
     timer ??= setTimeout(flush, 50);
   });
+  // The baseline's read loop, line for line, with the count and the end reason the session line needs. It is
+  // repeated here rather than shared, so that the baseline's loop stays the bare one every run has measured.
   socket.on("data", (chunk: Buffer) => {
     let start = 0;
     for (let lf = chunk.indexOf(LF); lf >= 0; lf = chunk.indexOf(LF, start)) {
