@@ -354,19 +354,27 @@ function controlSummary(samples: readonly Sample[], context: Context): string {
   ].join("\n\n");
 }
 
+/** A row per speed figure on each runtime that ran `impl`: the runtime, the figure, then `cells`. */
+function speedRows(
+  samples: readonly Sample[],
+  context: Context,
+  impl: Impl,
+  cells: (runtime: Runtime, figure: Figure) => string[],
+): string[][] {
+  const speed = figures(context.concurrencies, context.hold).filter((f) => SPEED.test(f.key));
+  return measuredOn(samples, context.runtimes, impl).flatMap((runtime) =>
+    speed.map((f) => [runtime, f.label, ...cells(runtime, f)])
+  );
+}
+
 /** Every speed figure of the control against the baseline, repeat by repeat. */
 function controlCheck(samples: readonly Sample[], context: Context): string {
-  const speed = figures(context.concurrencies, context.hold).filter((f) => SPEED.test(f.key));
-  const rows = measuredOn(samples, context.runtimes, "control").flatMap((runtime) =>
-    speed.map((f) => [
-      runtime,
-      f.label,
-      cell(series(samples, runtime, "baseline", f)),
-      cell(series(samples, runtime, "control", f)),
-      cell(ratios(samples, runtime, "control", "baseline", f)),
-      cell(ratios(samples, runtime, "smtp521", "baseline", f)),
-    ])
-  );
+  const rows = speedRows(samples, context, "control", (runtime, f) => [
+    cell(series(samples, runtime, "baseline", f)),
+    cell(series(samples, runtime, "control", f)),
+    cell(ratios(samples, runtime, "control", "baseline", f)),
+    cell(ratios(samples, runtime, "smtp521", "baseline", f)),
+  ]);
   return [
     "The control is bench/baseline.ts again, started as a server of its own and measured exactly as the baseline " +
     "and smtp521 are. Its ratio to the baseline is 1 but for noise: the spread of its ratios is how far a ratio of " +
@@ -408,18 +416,13 @@ function floorSummary(samples: readonly Sample[], context: Context): string {
 
 /** Every speed figure of the floor against the baseline, and of smtp521 against the floor, repeat by repeat. */
 function floorCheck(samples: readonly Sample[], context: Context): string {
-  const speed = figures(context.concurrencies, context.hold).filter((f) => SPEED.test(f.key));
-  const rows = measuredOn(samples, context.runtimes, "floor").flatMap((runtime) =>
-    speed.map((f) => [
-      runtime,
-      f.label,
-      cell(series(samples, runtime, "baseline", f)),
-      cell(series(samples, runtime, "floor", f)),
-      cell(series(samples, runtime, "smtp521", f)),
-      cell(ratios(samples, runtime, "floor", "baseline", f)),
-      cell(ratios(samples, runtime, "smtp521", "floor", f)),
-    ])
-  );
+  const rows = speedRows(samples, context, "floor", (runtime, f) => [
+    cell(series(samples, runtime, "baseline", f)),
+    cell(series(samples, runtime, "floor", f)),
+    cell(series(samples, runtime, "smtp521", f)),
+    cell(ratios(samples, runtime, "floor", "baseline", f)),
+    cell(ratios(samples, runtime, "smtp521", "floor", f)),
+  ]);
   return [
     "bench/floor.ts is bench/baseline.ts plus what SPEC asks of every session and nothing else: it reads the " +
     "client's address and port once per connection (the per-address limit of SPEC §4 and the `remote=` of SPEC §6 " +
