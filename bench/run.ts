@@ -123,11 +123,11 @@ const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
  * the same order, and smtp521 and the floor do.
  */
 function implsFor(runtime: Runtime, repeat: number, only: readonly Impl[]): Impl[] {
-  const four: Impl[] = repeat % 2
+  const order: Impl[] = repeat % 2
     ? ["control", "smtp521", "floor", "baseline"]
     : ["baseline", "floor", "smtp521", "control"];
   const native = NATIVE[runtime];
-  return (native ? [...four, native] : four).filter((impl) => only.includes(impl));
+  return (native ? [...order, native] : order).filter((impl) => only.includes(impl));
 }
 
 interface Where {
