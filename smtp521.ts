@@ -29,10 +29,11 @@
 import { Buffer } from "node:buffer";
 import { isIP, isIPv4, isIPv6 } from "node:net";
 import type { AddressInfo, Server } from "node:net";
-import { connect, createServer, Socket } from "node:net";
-import { fstatSync, readFileSync } from "node:fs";
+import { createServer, Socket } from "node:net";
+import { fstatSync, readFileSync, write } from "node:fs";
 import { hostname as systemHostname } from "node:os";
 import process from "node:process";
+import { EventEmitter } from "node:events";
 import { Duplex } from "node:stream";
 import { clearInterval, clearTimeout, setInterval, setTimeout } from "node:timers";
 import { parseArgs } from "node:util";
@@ -73,18 +74,25 @@ export function rcptRefusal(code: RcptCode, domain: string): string {
   return `${code} ${domain} does not accept mail\r\n`;
 }
 
-/** Replies by server name: a handful of names (one, or one per local address). */
-const replyCache = new Map<string, Replies>();
-
-export function repliesFor(name: string): Replies {
-  let replies = replyCache.get(name);
-  if (!replies) {
-    if (replyCache.size >= 64) replyCache.clear();
-    replies = buildReplies(name);
-    replyCache.set(name, replies);
-  }
-  return replies;
+/**
+ * `make(key)`, remembered for at most 64 keys. A server has a handful of names
+ * (one, or one per local address), but anyone who can reach many local
+ * addresses (127.0.0.0/8, a routed IPv6 prefix) must not grow it without bound.
+ */
+function boundedCache<V>(make: (key: string) => V): (key: string) => V {
+  const cache = new Map<string, V>();
+  return (key) => {
+    let value = cache.get(key);
+    if (value === undefined) {
+      if (cache.size >= 64) cache.clear();
+      cache.set(key, value = make(key));
+    }
+    return value;
+  };
 }
+
+/** The replies for a server name. */
+export const repliesFor: (name: string) => Replies = boundedCache(buildReplies);
 
 function buildReplies(name: string): Replies {
   return Object.freeze({
@@ -118,11 +126,12 @@ export function checkedDomain(text: string): string | null {
   if (text.startsWith("[") && text.endsWith("]")) {
     const inner = text.slice(1, -1);
     if (isIPv4(inner)) return text;
-    const v6 = /^ipv6:(.*)$/i.exec(inner);
+    // RFC 5321 §4.1.3 IPv6-addr has no zone id; isIPv6 takes `fe80::1%any text`.
+    const v6 = /^ipv6:([0-9a-f:.]{2,45})$/i.exec(inner);
     return v6 && isIPv6(v6[1]) ? `[IPv6:${v6[1].toLowerCase()}]` : null;
   }
   const name = text.endsWith(".") ? text.slice(0, -1) : text;
-  return DOMAIN.test(name) ? name.toLowerCase() : null;
+  return name.length <= 253 && DOMAIN.test(name) ? name.toLowerCase() : null;
 }
 
 /** An IP address as RFC 5321 §4.1.3 writes it; IPv4-mapped IPv6 as IPv4. */
@@ -137,6 +146,23 @@ function plainAddress(ip: string): string {
   const unscoped = ip.replace(/%.*$/, "");
   const mapped = /^::ffff:(\d+\.\d+\.\d+\.\d+)$/i.exec(unscoped);
   return mapped ? mapped[1] : unscoped;
+}
+
+/**
+ * What the per-address limit counts: an IPv4 address, or the /64 of an IPv6
+ * address (RFC 4291 §2.5.4: one host, or one customer, holds a whole /64).
+ */
+export function clientNetwork(ip: string): string {
+  if (!ip.includes(":")) return ip;
+  const [head, tail] = ip.split("::");
+  const groups = head ? head.split(":") : [];
+  if (tail !== undefined && groups.length < 4) {
+    const rest = tail ? tail.split(":") : [];
+    const width = rest.length + (tail.includes(".") ? 1 : 0); // a dotted quad is two groups
+    while (groups.length < 8 - width && groups.length < 4) groups.push("0");
+    groups.push(...rest);
+  }
+  return groups.slice(0, 4).map((group) => parseInt(group, 16).toString(16)).join(":") + "::/64";
 }
 
 /**
@@ -235,10 +261,13 @@ export interface Session {
 /** RFC 5321 §4.5.3.1.6: a text line is at most 1000 octets with its CRLF. */
 export const MAX_LINE = 1000;
 const LF = 10;
+const CR = 13;
+const SPACE = 32;
+const TAB = 9;
 const TLS_HANDSHAKE = 0x16;
 /** A cross-protocol probe (SPEC §4): an HTTP request line is never SMTP. */
-const HTTP_REQUEST = /^(?:(?:GET|HEAD|POST|PUT|DELETE|CONNECT|OPTIONS|TRACE|PATCH) |[A-Z]+ \S+ HTTP\/\d)/;
-const QUIT = /^quit[ \t]*$/i;
+const HTTP_REQUEST = /^(?:(?:GET|HEAD|POST|PUT|DELETE|CONNECT|OPTIONS|TRACE|PATCH)(?: |$)|[A-Z]+ \S+ HTTP\/\d)/;
+const QUIT = /^quit$/i;
 const NOTHING: Step = Object.freeze({ send: "", lines: 0, end: null });
 
 type Answer = readonly [reply: string, end: EndReason | null];
@@ -278,9 +307,11 @@ export function receive(session: Session, chunk: Uint8Array): Step {
     if ((partial?.length ?? 0) + lf - start + 1 > MAX_LINE) {
       return finish(session, send + tooLong(session), lines, "too-long");
     }
-    let line = bytes.toString("latin1", start, lf);
-    if (partial) line = partial.toString("latin1") + line;
-    if (line.endsWith("\r")) line = line.slice(0, -1);
+    const line = lineText(
+      partial ? Buffer.concat([partial, bytes.subarray(start, lf)]) : bytes,
+      partial ? 0 : start,
+      partial ? partial.length + lf - start : lf,
+    );
     session.partial = null;
     start = lf + 1;
     lines++;
@@ -297,6 +328,17 @@ export function receive(session: Session, chunk: Uint8Array): Step {
     session.partial = partial ? Buffer.concat([partial, bytes.subarray(start)]) : Buffer.from(bytes.subarray(start));
   }
   return lines ? { send, lines, end: null } : NOTHING;
+}
+
+/**
+ * The text of the line in `bytes` from `start` to its LF at `lf`, without one
+ * CR and then without trailing blanks (which no command needs), trimmed on the
+ * bytes, where a loop is cheapest: no line costs more than its length.
+ */
+function lineText(bytes: Buffer, start: number, lf: number): string {
+  let end = bytes[lf - 1] === CR && lf > start ? lf - 1 : lf;
+  while (end > start && (bytes[end - 1] === SPACE || bytes[end - 1] === TAB)) end--;
+  return bytes.toString("latin1", start, end);
 }
 
 function finish(session: Session, send: string, lines: number, end: EndReason): Step {
@@ -329,10 +371,30 @@ const NOT_IMPLEMENTED = new Set([
   "SOML",
   "SAML",
 ]);
-const COMMAND = /^([A-Za-z]+)(?: (.*))?$/s;
-/** RFC 5321 §4.1.2 paths as `<...>`, then optional ESMTP parameters. */
-const MAIL_FROM = /^FROM: ?<([\x21-\x3b\x3d\x3f-\x7e]*)>(?: [\x20-\x7e]*)?$/i;
-const RCPT_TO = /^TO: ?<([\x21-\x3b\x3d\x3f-\x7e]+)>(?: [\x20-\x7e]*)?$/i;
+const VERB = /^[A-Za-z]{1,8}$/;
+/** Parsing by search, not by one pattern: a pattern that fails late backtracks over the whole line. */
+const NOT_IN_PATH = /[^\x21-\x3b\x3d\x3f-\x7e]/;
+const NOT_PRINTABLE = /[^\x20-\x7e]/;
+
+/** RFC 5321 §4.5.3.1.3: a path is at most 256 octets with its punctuation. */
+const MAX_PATH = 256;
+
+/**
+ * RFC 5321 §4.1.1.2-3: `FROM:<path>` or `TO:<path>` (one space allowed before
+ * `<`, as many clients send it), then optional ESMTP parameters; the path, or null.
+ */
+function pathArgument(args: string, keyword: "FROM:" | "TO:"): string | null {
+  if (args.slice(0, keyword.length).toUpperCase() !== keyword) return null;
+  const open = args.charCodeAt(keyword.length) === 0x20 ? keyword.length + 1 : keyword.length;
+  const close = args.indexOf(">", open);
+  if (args.charCodeAt(open) !== 0x3c || close < 0 || close - open + 1 > MAX_PATH) return null;
+  const path = args.slice(open + 1, close);
+  const parameters = args.slice(close + 1);
+  if (NOT_IN_PATH.test(path) || (parameters && (parameters[0] !== " " || NOT_PRINTABLE.test(parameters)))) {
+    return null;
+  }
+  return path;
+}
 
 /**
  * RFC 1846 §3: a relay dialog in which every recipient is refused. The only
@@ -342,10 +404,11 @@ const RCPT_TO = /^TO: ?<([\x21-\x3b\x3d\x3f-\x7e]+)>(?: [\x20-\x7e]*)?$/i;
 function rcptAnswer(session: Session, line: string): Answer {
   const { replies } = session;
   const reply = (text: string): Answer => [text, null];
-  const command = COMMAND.exec(line.replace(/[ \t]+$/, ""));
-  if (!command) return reply(replies.unknownCommand);
-  const verb = command[1].toUpperCase();
-  const args = command[2] ?? "";
+  const space = line.indexOf(" ");
+  const word = space < 0 ? line : line.slice(0, space);
+  if (!VERB.test(word)) return reply(replies.unknownCommand);
+  const verb = word.toUpperCase();
+  const args = space < 0 ? "" : line.slice(space + 1);
   switch (verb) {
     case "HELO":
     case "EHLO":
@@ -353,14 +416,14 @@ function rcptAnswer(session: Session, line: string): Answer {
       session.inTransaction = false; // RFC 5321 §4.1.4: a new EHLO resets the transaction
       return reply(replies.hello);
     case "MAIL":
-      if (!MAIL_FROM.test(args)) return reply(replies.badSyntax);
+      if (pathArgument(args, "FROM:") === null) return reply(replies.badSyntax);
       if (session.inTransaction) return reply(replies.badSequence);
       session.inTransaction = true;
       return reply(replies.ok);
     case "RCPT": {
       if (!session.inTransaction) return reply(replies.badSequence);
-      const to = RCPT_TO.exec(args);
-      return reply(to ? recipient(session, to[1]) : replies.badSyntax);
+      const to = pathArgument(args, "TO:");
+      return reply(to ? recipient(session, to) : replies.badSyntax);
     }
     case "DATA":
       if (!session.inTransaction) return reply(replies.badSequence);
@@ -409,10 +472,11 @@ const LINGER_BYTES = 64 * 1024;
 /** Structured log: an event name, its fields, and when it happened if not now (ms since the epoch) (SPEC §6). */
 export type Log = (event: string, fields: Readonly<Record<string, string | number>>, at?: number) => void;
 
-/** A byte stream both ways: a TCP socket, or stdin and stdout joined. */
+/** A byte stream both ways: a TCP socket, Deno's own connection, or stdin and stdout joined. */
 interface Conduit {
   write(text: string): boolean;
   end(): void;
+  end(last: string, done: () => void): void;
   destroy(): void;
   pause(): void;
   resume(): void;
@@ -431,7 +495,7 @@ interface Conversation {
   readonly conduit: Conduit;
   readonly session: Session;
   readonly owner: Owner;
-  /** When the sweeper acts: the idle deadline, then the end of the linger. */
+  /** When the sweeper acts: the idle or whole-life deadline, then the end of the linger. */
   at: number;
   /** The place in the sweeper's list. */
   slot: number;
@@ -450,6 +514,7 @@ interface Conversation {
 /** What the conversations of one listener (or one stdio session) share. */
 interface Owner {
   readonly idleMs: number;
+  readonly maxDurationMs: number;
   readonly sweeper: Sweeper;
   closed(conversation: Conversation, end: EndReason): void;
 }
@@ -502,7 +567,7 @@ function converse(
     conduit,
     session,
     owner,
-    at: started + owner.idleMs,
+    at: started + Math.min(owner.idleMs, owner.maxDurationMs),
     slot: -1,
     lines: 0,
     end: null,
@@ -558,7 +623,12 @@ function take(conversation: Conversation, step: Step): void {
     conduit.once("drain", onDrain);
   }
   if (step.end) linger(conversation, step.end);
-  else if (step.lines) conversation.at = Date.now() + conversation.owner.idleMs;
+  else if (step.lines) {
+    // RFC 5321 §4.5.3.2.7: the idle time-out restarts with each line, but never
+    // past the session's whole life, so one line every few minutes cannot hold a slot.
+    const { idleMs, maxDurationMs } = conversation.owner;
+    conversation.at = Math.min(Date.now() + idleMs, conversation.started + maxDurationMs);
+  }
 }
 
 /** SPEC §4: send the last reply and a FIN, read and discard for LINGER_MS, then destroy. */
@@ -594,7 +664,7 @@ export interface ServeOptions {
   readonly hostname?: string;
   /** @default [{ host: "", port: 25 }] (IPv6 and IPv4, or IPv4 alone without IPv6) */
   readonly listen?: readonly ListenAddress[];
-  /** Lines per session. @default 20 */
+  /** Lines per session. @default 20; 120 in `rcpt` mode (see MAX_COMMANDS) */
   readonly maxCommands?: number;
   /** Open session sockets, lingering ones included. @default 1000 */
   readonly maxConnections?: number;
@@ -602,6 +672,8 @@ export interface ServeOptions {
   readonly maxPerIp?: number;
   /** Idle time-out from the last complete line, in ms. @default 300_000 */
   readonly timeoutMs?: number;
+  /** A session's whole life, in ms, however busy it is. @default 600_000 */
+  readonly maxDurationMs?: number;
   /** @default 521 */
   readonly rcptCode?: RcptCode;
   /** `rcpt` mode: the refused domains. @default null (every domain) */
@@ -621,13 +693,20 @@ export interface Smtp521Server {
   close(drainMs?: number): Promise<Record<string, number>>;
 }
 
+/**
+ * Lines per session by mode. A relay must take 100 recipients in one
+ * transaction (RFC 5321 §4.5.3.1.8), so `rcpt` mode allows EHLO, MAIL, 100
+ * RCPT, DATA, QUIT and room to spare: every recipient is refused in one session.
+ */
+export const MAX_COMMANDS: Readonly<Record<Mode, number>> = Object.freeze({ greet: 20, close: 20, rcpt: 120 });
+
 const DEFAULTS = {
   mode: "greet",
   listen: [{ host: "", port: 25 }],
-  maxCommands: 20,
   maxConnections: 1000,
   maxPerIp: 10,
   timeoutMs: 300_000,
+  maxDurationMs: 600_000,
   rcptCode: 521,
   domains: null,
   log: () => {},
@@ -637,6 +716,24 @@ const DEFAULTS = {
 interface DenoGlobal {
   permissions: { querySync(descriptor: PermissionQuery): { state: string } };
   version: { deno: string };
+  listen(options: { hostname: string; port: number; transport: "tcp" }): DenoListener;
+}
+interface DenoAddr {
+  readonly hostname: string;
+  readonly port: number;
+}
+interface DenoListener {
+  readonly addr: DenoAddr;
+  accept(): Promise<DenoConn>;
+  close(): void;
+}
+interface DenoConn {
+  readonly remoteAddr: DenoAddr;
+  readonly localAddr: DenoAddr;
+  read(buffer: Uint8Array): Promise<number | null>;
+  write(bytes: Uint8Array): Promise<number>;
+  closeWrite(): Promise<void>;
+  close(): void;
 }
 const deno = (globalThis as unknown as { Deno?: DenoGlobal }).Deno;
 const bun = (globalThis as unknown as { Bun?: { version: string } }).Bun;
@@ -724,27 +821,176 @@ function sessionBatch(log: Log, mode: Mode) {
   return { add, flush };
 }
 
-function listenOn(server: Server, where: ListenAddress): Promise<AddressInfo> {
+/** A connection: its byte stream, and its two ends where the runtime knows them. */
+type Connection = Conduit & {
+  readonly remoteAddress?: string;
+  readonly remotePort?: number;
+  readonly localAddress?: string;
+};
+
+/** A bound listener, over node:net or Deno's own API. */
+interface Listener {
+  readonly address: AddressInfo;
+  /** Hand each accepted connection to `accepted`; trouble accepting goes to `failed`. */
+  start(accepted: (connection: Connection) => void, failed: (error: NodeJS.ErrnoException) => void): void;
+  close(): void;
+}
+
+function bindNode(where: ListenAddress): Promise<Listener> {
+  const server: Server = createServer();
   return new Promise((resolve, reject) => {
     server.once("error", reject);
     const ready = () => {
       server.off("error", reject);
-      resolve(server.address() as AddressInfo);
+      resolve({
+        address: server.address() as AddressInfo,
+        start(accepted, failed) {
+          server.on("connection", accepted);
+          server.on("error", failed);
+        },
+        close: () => server.close(),
+      });
     };
     if ("fd" in where) server.listen({ fd: where.fd }, ready);
     else server.listen({ host: where.host, port: where.port }, ready);
   });
 }
 
+/** After a failed accept (out of descriptors), wait this long before the next. */
+const ACCEPT_RETRY_MS = 100;
+
+/**
+ * Deno's own listener. Deno's node:net listener stops accepting for good after
+ * one EMFILE, and loses the greeting of a client that half-closes at once;
+ * `Deno.listen` reports EMFILE and goes on once descriptors free up.
+ */
+async function bindDeno(where: { host: string; port: number }): Promise<Listener> {
+  const listener = deno!.listen({ hostname: where.host, port: where.port, transport: "tcp" });
+  const { hostname, port } = listener.addr;
+  let open = true;
+  return {
+    address: { address: hostname, family: hostname.includes(":") ? "IPv6" : "IPv4", port },
+    async start(accepted, failed) {
+      while (open) {
+        let conn: DenoConn;
+        try {
+          conn = await listener.accept();
+        } catch (error) {
+          if (open) failed(error as NodeJS.ErrnoException);
+          await sleep(ACCEPT_RETRY_MS);
+          continue;
+        }
+        accepted(denoConnection(conn));
+      }
+    },
+    close() {
+      open = false;
+      listener.close();
+    },
+  };
+}
+
+/** Deno: read at most this much at once (a line is at most MAX_LINE octets). */
+const DENO_READ_BYTES = 4096;
+/** Deno: past this many bytes not yet written, `write` says "wait for drain", as node:net does. */
+const DENO_HIGH_WATER = 64 * 1024;
+
+/** A Deno connection as a Conduit: node:net's events over Deno's promises. */
+function denoConnection(conn: DenoConn): Connection {
+  const events = new EventEmitter();
+  let writes = Promise.resolve();
+  let queued = 0;
+  let paused = false;
+  let wake: (() => void) | null = null;
+  let gone = false;
+  let finished = false; // our side is ended
+  let eof = false; // the client's side is ended
+  const destroy = () => {
+    if (gone) return;
+    gone = true;
+    try {
+      conn.close();
+    } catch { /* already closed by the runtime */ }
+    wake?.();
+    events.emit("close");
+  };
+  const failed = () => {
+    if (!gone) events.emit("error");
+    destroy();
+  };
+  // Both sides ended and everything written: nothing is left to linger for.
+  const closeIfDone = () => finished && eof && writes.then(destroy);
+  const write = (text: string) => {
+    const bytes = Buffer.from(text, "latin1");
+    queued += bytes.length;
+    writes = writes.then(() => writeAll(conn, bytes)).then(() => {
+      queued -= bytes.length;
+      if (queued === 0) events.emit("drain");
+    }, failed);
+    return queued < DENO_HIGH_WATER;
+  };
+  const connection = Object.assign(events, {
+    remoteAddress: conn.remoteAddr.hostname,
+    remotePort: conn.remoteAddr.port,
+    localAddress: conn.localAddr.hostname,
+    write,
+    end(last?: string, done?: () => void) {
+      if (last) write(last);
+      finished = true;
+      writes = writes.then(() => conn.closeWrite()).then(done, failed);
+      closeIfDone();
+    },
+    destroy,
+    pause: () => void (paused = true),
+    resume() {
+      paused = false;
+      wake?.();
+    },
+    isPaused: () => paused,
+  });
+  (async () => {
+    const buffer = new Uint8Array(DENO_READ_BYTES);
+    while (!gone) {
+      if (paused) {
+        await new Promise<void>((resolve) => wake = resolve);
+        wake = null;
+        continue;
+      }
+      let n: number | null;
+      try {
+        n = await conn.read(buffer);
+      } catch {
+        return failed();
+      }
+      if (gone) return;
+      if (n === null) {
+        eof = true;
+        events.emit("end");
+        return closeIfDone();
+      }
+      events.emit("data", buffer.subarray(0, n));
+    }
+  })();
+  return connection as unknown as Connection;
+}
+
+async function writeAll(conn: DenoConn, bytes: Uint8Array): Promise<void> {
+  for (let sent = 0; sent < bytes.length;) sent += await conn.write(bytes.subarray(sent));
+}
+
+function bind(where: ListenAddress): Promise<Listener> {
+  return deno && !("fd" in where) ? bindDeno(where) : bindNode(where);
+}
+
 /** SPEC §5: "every address" is `::` (IPv4 too), or `0.0.0.0` where IPv6 is absent. */
-async function listenAll(server: Server, where: ListenAddress): Promise<AddressInfo> {
-  if ("fd" in where || where.host) return await listenOn(server, where);
+async function bindAll(where: ListenAddress): Promise<Listener> {
+  if ("fd" in where || where.host) return await bind(where);
   try {
-    return await listenOn(server, { host: "::", port: where.port });
+    return await bind({ host: "::", port: where.port });
   } catch (error) {
     const code = (error as NodeJS.ErrnoException).code;
     if (code !== "EAFNOSUPPORT" && code !== "EADDRNOTAVAIL") throw error;
-    return await listenOn(server, { host: "0.0.0.0", port: where.port });
+    return await bind({ host: "0.0.0.0", port: where.port });
   }
 }
 
@@ -752,24 +998,18 @@ async function listenAll(server: Server, where: ListenAddress): Promise<AddressI
 export async function serve(options: ServeOptions = {}): Promise<Smtp521Server> {
   const o = { ...DEFAULTS, ...options };
   const name = fixedName(o.hostname);
-  const configs = new Map<string, SessionConfig>(); // one per name: a fixed one, or one per local address
-  const perIp = new Map<string, number>();
-  const sweeper = deadlineSweeper(o.timeoutMs);
+  const { mode, rcptCode, domains } = o;
+  const maxCommands = o.maxCommands ?? MAX_COMMANDS[mode];
+  // One config per name: a fixed one, or one per local address.
+  const configFor = boundedCache((name): SessionConfig => ({ mode, name, maxCommands, rcptCode, domains }));
+  const perNetwork = new Map<string, number>();
+  const sweeper = deadlineSweeper(Math.min(o.timeoutMs, o.maxDurationMs));
   const lines = sessionBatch(o.log, o.mode);
   const ended: Record<string, number> = {};
   let open = 0;
   let overloaded = 0;
   let lastWarning = 0;
   const room = descriptorRoom();
-
-  function configFor(serverName: string): SessionConfig {
-    let config = configs.get(serverName);
-    if (!config) {
-      const { mode, maxCommands, rcptCode, domains } = o;
-      configs.set(serverName, config = { mode, name: serverName, maxCommands, rcptCode, domains });
-    }
-    return config;
-  }
 
   function logSession(end: EndReason, c: Ended, localPort: number) {
     ended[end] = (ended[end] ?? 0) + 1;
@@ -780,39 +1020,41 @@ export async function serve(options: ServeOptions = {}): Promise<Smtp521Server> 
     if (c.over) overloaded--;
     else {
       open--;
-      const left = perIp.get(c.ip)! - 1;
-      if (left) perIp.set(c.ip, left);
-      else perIp.delete(c.ip);
+      const network = clientNetwork(c.ip);
+      const left = perNetwork.get(network)! - 1;
+      if (left) perNetwork.set(network, left);
+      else perNetwork.delete(network);
     }
     logSession(end, c, localPort);
   }
 
   /** A connection on a listener bound to `localIp` (the name if none is fixed) and `localPort`. */
-  function accept(socket: Socket, owner: Owner, localIp: string | undefined, localPort: number) {
-    const remoteAddress = socket.remoteAddress;
+  function accept(connection: Connection, owner: Owner, localIp: string | undefined, localPort: number) {
+    const remoteAddress = connection.remoteAddress;
     const ip = remoteAddress ? plainAddress(remoteAddress) : "";
-    const local = name?.value ?? localIp ?? socket.localAddress;
+    const local = name?.value ?? localIp ?? connection.localAddress;
     if (!ip || !local) { // reset while it waited to be accepted
-      socket.destroy();
+      connection.destroy();
       return logSession("reset", { ip, port: 0, started: Date.now(), lines: 0 }, localPort);
     }
     const config = configFor(name ? name.value : addressLiteral(local));
-    const port = socket.remotePort ?? 0;
-    const fromIp = perIp.get(ip) ?? 0;
-    const over = open >= o.maxConnections || fromIp >= o.maxPerIp;
+    const port = connection.remotePort ?? 0;
+    const network = clientNetwork(ip);
+    const fromNetwork = perNetwork.get(network) ?? 0;
+    const over = open >= o.maxConnections || fromNetwork >= o.maxPerIp;
     if (open + overloaded >= room) warn("EMFILE", `near the descriptor limit: ${open + overloaded} sockets open`);
     if ((over && overloaded >= o.maxConnections) || open + overloaded >= room) {
       // SPEC §4: even the lingering of refusals is bounded; past it, greet and drop.
-      socket.on("error", () => {});
-      socket.end(repliesFor(config.name).refuse, () => socket.destroy());
+      connection.on("error", () => {});
+      connection.end(repliesFor(config.name).refuse, () => connection.destroy());
       return logSession("overload", { ip, port, started: Date.now(), lines: 0 }, localPort);
     }
     if (over) overloaded++;
     else {
       open++;
-      perIp.set(ip, fromIp + 1);
+      perNetwork.set(network, fromNetwork + 1);
     }
-    converse(socket, over ? overloadSession(config) : createSession(config), owner, { ip, port, over });
+    converse(connection, over ? overloadSession(config) : createSession(config), owner, { ip, port, over });
   }
 
   /** SPEC §4: trouble accepting (out of descriptors) is logged at most once a second. */
@@ -824,28 +1066,32 @@ export async function serve(options: ServeOptions = {}): Promise<Smtp521Server> 
   }
   const acceptFailed = (error: NodeJS.ErrnoException) => warn(error.code ?? "accept", error.message);
 
-  const servers: Server[] = [];
+  const listeners: Listener[] = [];
   const addresses: AddressInfo[] = [];
   try {
     for (const where of o.listen) {
-      const server = createServer();
-      servers.push(server);
-      const address = await listenAll(server, where);
+      const listener = await bindAll(where);
+      listeners.push(listener);
+      const address = listener.address;
       addresses.push(address);
       // The listener's own address and port stand for the socket's, saving a getsockname per connection.
       const { port } = address;
-      const owner: Owner = { idleMs: o.timeoutMs, sweeper, closed: (c, end) => closed(c, end, port) };
+      const owner: Owner = {
+        idleMs: o.timeoutMs,
+        maxDurationMs: o.maxDurationMs,
+        sweeper,
+        closed: (c, end) => closed(c, end, port),
+      };
       const localIp = isUnspecified(address.address) ? undefined : address.address;
-      server.on("connection", (socket: Socket) => accept(socket, owner, localIp, port));
-      server.on("error", acceptFailed);
+      listener.start((connection) => accept(connection, owner, localIp, port), acceptFailed);
     }
   } catch (error) {
-    for (const server of servers) server.close();
-    throw Object.assign(error as Error, { listen: describeListen(o.listen[servers.length - 1]) });
+    for (const listener of listeners) listener.close();
+    throw Object.assign(error as Error, { listen: describeListen(o.listen[listeners.length]) });
   }
 
   async function close(drainMs = 5000): Promise<Record<string, number>> {
-    for (const server of servers) server.close();
+    for (const listener of listeners) listener.close();
     const deadline = Date.now() + drainMs;
     while (open + overloaded > 0 && Date.now() < deadline) await sleep(50);
     sweeper.stopAll("shutdown");
@@ -889,7 +1135,7 @@ const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
 
 export type StdioOptions = Pick<
   ServeOptions,
-  "mode" | "hostname" | "maxCommands" | "timeoutMs" | "rcptCode" | "domains" | "log"
+  "mode" | "hostname" | "maxCommands" | "timeoutMs" | "maxDurationMs" | "rcptCode" | "domains" | "log"
 >;
 
 /**
@@ -906,15 +1152,15 @@ export function serveStdio(options: StdioOptions = {}): { done: Promise<EndReaso
   const remotePort = ends.remotePort ?? readEnv("TCPREMOTEPORT") ?? readEnv("REMOTE_PORT") ?? "-";
   const localPort = ends.localPort ?? readEnv("TCPLOCALPORT") ?? "-";
   const name = stdioName(o.hostname, ends.localAddress, o.log);
-  const session = createSession({ ...o, name });
-  const sweeper = deadlineSweeper(o.timeoutMs);
+  const session = createSession({ ...o, maxCommands: o.maxCommands ?? MAX_COMMANDS[o.mode], name });
+  const sweeper = deadlineSweeper(Math.min(o.timeoutMs, o.maxDurationMs));
   const done = new Promise<EndReason>((resolve) => {
     const closed = (c: Conversation, end: EndReason) => {
       const remote = remoteIp ? hostPort(plainAddress(remoteIp), remotePort) : "-";
       sessionLine(o.log, o.mode, remote, localPort, c.started, c.lines, end);
       resolve(end);
     };
-    converse(conduit, session, { idleMs: o.timeoutMs, sweeper, closed });
+    converse(conduit, session, { idleMs: o.timeoutMs, maxDurationMs: o.maxDurationMs, sweeper, closed });
   });
   return { done, stop: sweeper.stopAll };
 }
@@ -950,9 +1196,7 @@ function stdioName(hostname: string | undefined, localAddress: string | undefine
 export const USAGE = `smtp521 ${VERSION}: refuse all mail with a permanent 521 (RFC 1846, RFC 7504)
 
 usage: smtp521.ts [flags]
-       smtp521.ts probe HOST[:PORT] [--rcpt USER@DOMAIN] [--timeout S] [--json]
-                            check a host: exit 0 if it refuses mail the RFC 1846
-                            way, 1 if not, 3 if unreachable (probe --timeout 10)
+       (to check a host or a domain from a workstation: probe.ts, beside this file)
 
   --mode greet|close|rcpt   greet: 521 greeting, 521 to every line, 221 to QUIT
                             close: 521 greeting, then close
@@ -968,12 +1212,14 @@ usage: smtp521.ts [flags]
                             .example.org refuses every name under it; other
                             recipients get 550 (default: refuse every domain)
   --rcpt-code 521|556       rcpt mode: reply code for a refused recipient (default 521)
-  --max-commands N          lines per session, 1-1000 (default 20)
+  --max-commands N          lines per session, 1-1000 (default 20; 120 in rcpt mode)
   --max-connections N       open sessions in all (default 1000)
   --max-per-ip N            open sessions from one address (default 10)
   --timeout S               idle time-out in seconds (default 300)
+  --max-duration S          a session's whole life in seconds (default 600)
   --drain S                 on SIGTERM, time open sessions get to end (default 5)
-  --user NAME[:GROUP]       drop privileges after binding, Node and Bun (default: none)
+  --user NAME[:GROUP]       drop privileges after binding, Node and Bun; names or
+                            numeric ids (default: none)
   --log text|json|off       one line per session on stderr (default text)
   -h, --help                this text
   --version                 the version
@@ -987,10 +1233,11 @@ const FLAGS = {
   stdio: { type: "boolean", default: false },
   domains: { type: "string" },
   "rcpt-code": { type: "string", default: "521" },
-  "max-commands": { type: "string", default: "20" },
+  "max-commands": { type: "string" },
   "max-connections": { type: "string", default: "1000" },
   "max-per-ip": { type: "string", default: "10" },
   timeout: { type: "string", default: "300" },
+  "max-duration": { type: "string", default: "600" },
   drain: { type: "string", default: "5" },
   user: { type: "string" },
   log: { type: "string", default: "text" },
@@ -1061,17 +1308,31 @@ export function parseOptions(args: readonly string[]): Options | UsageError {
   const mode = choice("mode", values.mode, ["greet", "close", "rcpt"] as const);
   const logFormat = choice("log", values.log, ["text", "json", "off"] as const);
   const rcptCode = choice("rcpt-code", values["rcpt-code"], ["521", "556"] as const);
-  const maxCommands = count("max-commands", values["max-commands"], 1, 1000);
+  const maxCommands = values["max-commands"] === undefined
+    ? MAX_COMMANDS[mode as Mode] ?? 20
+    : count("max-commands", values["max-commands"], 1, 1000);
   const maxConnections = count("max-connections", values["max-connections"], 1, 1_000_000);
   const maxPerIp = count("max-per-ip", values["max-per-ip"], 1, 1_000_000);
   const timeoutMs = seconds("timeout", values.timeout);
+  const maxDurationMs = seconds("max-duration", values["max-duration"]);
   const drainMs = seconds("drain", values.drain);
   const listen = values.port !== undefined
     ? [listenAddress(`:${values.port}`)]
     : (values.listen ?? [":25"]).map(listenAddress);
   const domains = values.domains === undefined ? null : parseDomainList(values.domains);
   const hostname = values.hostname;
-  const problems = [mode, logFormat, rcptCode, maxCommands, maxConnections, maxPerIp, timeoutMs, drainMs, ...listen];
+  const problems = [
+    mode,
+    logFormat,
+    rcptCode,
+    maxCommands,
+    maxConnections,
+    maxPerIp,
+    timeoutMs,
+    maxDurationMs,
+    drainMs,
+    ...listen,
+  ];
   const problem = problems.find(isError);
   if (problem) return problem;
   if (values.port !== undefined && values.listen) return { error: "--port: give either --port or --listen, not both" };
@@ -1086,6 +1347,9 @@ export function parseOptions(args: readonly string[]): Options | UsageError {
     };
   }
   if (domains && mode !== "rcpt") return { error: "--domains: only rcpt mode reads recipients; add --mode rcpt" };
+  if (values.user !== undefined && !/^[^:]+(?::[^:]+)?$/.test(values.user)) {
+    return { error: `--user: "${values.user}" is not NAME or NAME:GROUP (names or numeric ids, e.g. nobody)` };
+  }
   if (values.stdio && (values.listen || values.port !== undefined)) {
     return { error: "--stdio: serves one session on stdin/stdout; drop --listen and --port" };
   }
@@ -1100,6 +1364,7 @@ export function parseOptions(args: readonly string[]): Options | UsageError {
     maxConnections: maxConnections as number,
     maxPerIp: maxPerIp as number,
     timeoutMs: timeoutMs as number,
+    maxDurationMs: maxDurationMs as number,
     drainMs: drainMs as number,
     user: values.user,
     logFormat: logFormat as LogFormat,
@@ -1153,317 +1418,67 @@ export function formatLine(
   return line + "\n";
 }
 
-/** A log to stderr, and `flush` to wait for what it holds (call before exit). */
-function stderrLog(format: LogFormat): { log: Log; flush(): Promise<void> } {
-  let pending = "";
+/** Log text waiting for a slow or stalled reader, at most; past it, lines are dropped. */
+const LOG_BACKLOG = 1024 * 1024;
+/** How long the last lines may take to leave at exit. */
+const LOG_EXIT_MS = 2000;
+
+/**
+ * A log to standard error (descriptor 2), one write at a time. The log is never
+ * a way to stop the service: a sink that fails (EPIPE once the reader of a pipe
+ * is gone, ENOSPC behind a redirect) or stalls costs dropped lines, counted,
+ * never a crash or unbounded memory. The first write that gets through after
+ * a loss says how many lines were lost; `dropped` counts them all, for the
+ * stop line. `flush` waits for what it holds (call it before exit).
+ */
+function stderrLog(format: LogFormat): { log: Log; flush(): Promise<void>; dropped(): number } {
+  if (format === "off") return { log: () => {}, flush: () => Promise.resolve(), dropped: () => 0 };
+  let backlog = "";
+  let writing = false;
+  let unreported = 0;
+  let dropped = 0;
+  const flushed: (() => void)[] = [];
+  const lose = (lines: number) => {
+    unreported += lines;
+    dropped += lines;
+  };
+  const pump = () => {
+    if (writing) return;
+    if (!backlog) return flushed.splice(0).forEach((resolve) => resolve());
+    const reported = unreported;
+    const notice = reported ? formatLine(format, "log", { dropped: reported }) : "";
+    const bytes = Buffer.from(notice + backlog);
+    const lines = backlog.split("\n").length - 1;
+    backlog = "";
+    writing = true;
+    writeStderr(bytes, (error) => {
+      writing = false;
+      if (error) lose(lines);
+      else unreported -= reported;
+      pump();
+    });
+  };
+  const log: Log = (event, fields, at) => {
+    const line = formatLine(format, event, fields, at);
+    if (backlog.length + line.length > LOG_BACKLOG) return lose(1);
+    if (!backlog) queueMicrotask(pump); // one write for what one turn logs, such as a batch of session lines
+    backlog += line;
+  };
   const flush = () =>
     new Promise<void>((resolve) => {
-      const text = pending;
-      pending = "";
-      if (text) process.stderr.write(text, () => resolve());
-      else resolve();
+      flushed.push(resolve);
+      setTimeout(resolve, LOG_EXIT_MS).unref();
+      pump();
     });
-  if (format === "off") return { log: () => {}, flush };
-  const log: Log = (event, fields, at) => {
-    if (!pending) queueMicrotask(flush); // one write for what one turn logs, such as a batch of session lines
-    pending += formatLine(format, event, fields, at);
-  };
-  return { log, flush };
+  return { log, flush, dropped: () => dropped };
 }
 
-// ---------------------------------------------------------------------------
-// Probe (SPEC §7): play the sending client of RFC 1846 §5 against a host, say
-// whether it refuses mail the RFC 1846 / RFC 7504 way and what senders will do.
-// It never sends DATA, and ends with QUIT once a greeting came.
-// ---------------------------------------------------------------------------
-
-/** Probe exit codes (SPEC §7). */
-export const PROBE_EXIT = Object.freeze({ refuses: 0, wrong: 1, usage: 2, unreachable: 3 });
-
-const PROBE_FLAGS = {
-  rcpt: { type: "string" },
-  timeout: { type: "string", default: "10" },
-  json: { type: "boolean", default: false },
-  help: { type: "boolean", short: "h", default: false },
-} as const;
-
-/** What sending MTAs did with each answer, measured (README, interop table). */
-const SENDERS = Object.freeze({
-  greeting: "Exim, Sendmail and Haraka bounce at once; Postfix with default settings (smtp_skip_5xx_greeting = yes) " +
-    "and OpenSMTPD queue for days: consider --mode rcpt",
-  rcpt: "Postfix, Exim, OpenSMTPD, Sendmail and Haraka all bounce at once",
-  queue: "they queue the mail and retry for days (a temporary failure, RFC 5321 section 4.5.4.1)",
-  deliver: "they deliver: this host accepts mail",
-  bounce: "they bounce at once (a permanent failure), but are not told that this host takes no mail",
-  unknown: "depends on the sender: RFC 1846 and RFC 7504 define no such answer",
-});
-
-/** A line sent or received, or an event (connected, closed, time-out); `ms` from the start. */
-export type ProbeLine = { readonly ms: number; readonly dir: "sent" | "received" | "event"; readonly text: string };
-/** What the probe found: the `--json` object. */
-export interface ProbeReport {
-  readonly target: string;
-  readonly greeting: string | null;
-  readonly mode: Mode | "none";
-  readonly name: string | null;
-  readonly quit: string | null;
-  readonly verdict: string;
-  readonly senders: string;
-  readonly exit: number;
-  readonly transcript: readonly ProbeLine[];
-}
-type Finding = Pick<ProbeReport, "mode" | "verdict" | "senders" | "exit">;
-/** A reply (RFC 5321 §4.2: its code and first line), or why none came. */
-type Reply = { readonly code: number; readonly line: string };
-type Heard = Reply | keyof typeof FAILED;
-const FAILED = Object.freeze({ timeout: "no reply within --timeout", closed: "a close", garbled: "not an SMTP reply" });
-
-const wrong = (why: string, senders: string = SENDERS.unknown, mode: Finding["mode"] = "none"): Finding => ({
-  mode,
-  verdict: `does NOT refuse mail the RFC 1846 way: ${why}`,
-  senders,
-  exit: PROBE_EXIT.wrong,
-});
-const refuses = (mode: Mode, how: string, senders: string): Finding => ({
-  mode,
-  verdict: `refuses mail per RFC 1846/RFC 7504: ${how}`,
-  senders,
-  exit: PROBE_EXIT.refuses,
-});
-const has = (heard: Heard, ...codes: number[]) => typeof heard !== "string" && codes.includes(heard.code);
-/** Server text made safe for a terminal. */
-const printable = (text: string) => text.replace(/[^\x20-\x7e]/g, "?").slice(0, 200);
-const quoted = (heard: Heard) => typeof heard === "string" ? FAILED[heard] : `"${printable(heard.line)}"`;
-
-/** One client connection: each reply awaited at most `timeoutMs`; every line and event in `transcript`. */
-function smtpClient(host: string, port: number, timeoutMs: number, transcript: ProbeLine[]) {
-  const begun = Date.now();
-  const note = (dir: ProbeLine["dir"], text: string) => transcript.push({ ms: Date.now() - begun, dir, text });
-  const socket = connect({ host, port });
-  const lines: string[] = [];
-  let partial = "";
-  let received = 0;
-  let connected = false;
-  let ended: string | null = null;
-  let wake = () => {};
-  const flooded = () => received > 65_536 || partial.length > MAX_LINE;
-  const end = (why: string) => {
-    if (!ended) note("event", ended = why);
-    wake();
-  };
-  socket.on("connect", () => {
-    connected = true;
-    note("event", "connected");
+/** Write all of `bytes` to standard error (a pipe may take part of them), then call back. */
+function writeStderr(bytes: Uint8Array, done: (error: Error | null) => void): void {
+  write(2, bytes, 0, bytes.length, null, (error, written) => {
+    if (error || written === bytes.length) done(error);
+    else writeStderr(bytes.subarray(written), done);
   });
-  socket.on("data", (chunk: Buffer) => {
-    received += chunk.length;
-    const complete = (partial + chunk.toString("latin1")).split("\n");
-    partial = complete.pop()!;
-    for (const line of complete.map((text) => text.replace(/\r$/, ""))) {
-      note("received", line);
-      lines.push(line);
-    }
-    if (flooded()) socket.destroy(); // not SMTP: stop reading
-    wake();
-  });
-  socket.on("end", () => end("closed by the server"));
-  socket.on("error", (error: NodeJS.ErrnoException) => end(error.code ?? error.message));
-  socket.on("close", () => end("closed"));
-
-  /** RFC 5321 §4.2: `250-...` lines continue a reply; the line with a space (or the bare code) ends it. */
-  function reply(): Heard | undefined {
-    const last = lines.findIndex((line) => !/^\d{3}-/.test(line));
-    if (last < 0) return flooded() ? "garbled" : ended ? "closed" : undefined;
-    const taken = lines.splice(0, last + 1);
-    const code = Number(taken[0].slice(0, 3));
-    return taken.every((line) => /^\d{3}(?:[ -].*)?$/s.test(line)) ? { code, line: taken[0] } : "garbled";
-  }
-  const read = () =>
-    new Promise<Heard>((resolve) => {
-      const settle = (heard: Heard) => {
-        clearTimeout(timer);
-        wake = () => {};
-        resolve(heard);
-      };
-      const timer = setTimeout(() => {
-        note("event", "time-out");
-        settle("timeout");
-      }, timeoutMs);
-      wake = () => {
-        const heard = reply();
-        if (heard) settle(heard);
-      };
-      wake();
-    });
-
-  return {
-    read,
-    /** Why the connection failed, or null when it was made. */
-    failure: () => connected ? null : ended ?? "no connection within --timeout",
-    open: () => !ended,
-    /** RFC 5321 §4.1.4: a client without a name says EHLO with its address literal. */
-    literal: () => addressLiteral(socket.localAddress ?? "127.0.0.1"),
-    command(line: string): Promise<Heard> {
-      if (ended) return Promise.resolve("closed");
-      note("sent", line);
-      socket.write(`${line}\r\n`);
-      return read();
-    },
-    close: () => socket.destroy(),
-  };
-}
-type SmtpClient = ReturnType<typeof smtpClient>;
-
-/** RFC 1846 §4.2: after a 521 greeting, a server closes (a) or answers 521 to all but QUIT (b). */
-async function afterRefusal(client: SmtpClient): Promise<Finding> {
-  const noop = await client.command("NOOP"); // RFC 5321 §4.1.1.9: has no effect
-  if (noop === "closed") return refuses("close", "521 greeting, then close (RFC 1846 section 4.2 a)", SENDERS.greeting);
-  if (!has(noop, 521)) return wrong(`NOOP after the 521 greeting got ${quoted(noop)}, not 521`, SENDERS.greeting);
-  return refuses("greet", "521 greeting, 521 to a command, 221 to QUIT (RFC 1846 section 4.2 b)", SENDERS.greeting);
-}
-
-/** RFC 1846 §3: a relay greets 220 and refuses the recipient with 521 (or 556, RFC 7504 §3). */
-async function atRecipient(client: SmtpClient, to: string, chosen: boolean): Promise<Finding> {
-  let hello = await client.command(`EHLO ${client.literal()}`);
-  if (typeof hello !== "string" && hello.code >= 500) { // RFC 5321 §3.2: a server may not know EHLO
-    hello = await client.command(`HELO ${client.literal()}`);
-  }
-  if (!has(hello, 250)) return wrong(`EHLO/HELO got ${quoted(hello)}`);
-  const mail = await client.command("MAIL FROM:<>"); // RFC 5321 §4.5.5: the null sender, as a bounce has
-  if (!has(mail, 250)) return wrong(`MAIL FROM:<> got ${quoted(mail)}`);
-  const rcpt = await client.command(`RCPT TO:<${to}>`);
-  if (has(rcpt, 521, 556)) return refuses("rcpt", `220, then ${quoted(rcpt)} to RCPT TO:<${to}>`, SENDERS.rcpt);
-  if (has(rcpt, 550) && !chosen) {
-    return wrong(
-      `RCPT TO:<${to}> got 550: not a domain this relay refuses for: pass --rcpt user@<a domain it refuses>`,
-      SENDERS.bounce,
-    );
-  }
-  if (typeof rcpt === "string") return wrong(`RCPT TO:<${to}> got ${quoted(rcpt)}`);
-  if (rcpt.code < 400) return wrong(`it accepted the recipient <${to}> (${quoted(rcpt)})`, SENDERS.deliver);
-  return rcpt.code < 500
-    ? wrong(`RCPT TO:<${to}> got ${quoted(rcpt)}, a temporary failure`, SENDERS.queue)
-    : wrong(`RCPT TO:<${to}> got ${quoted(rcpt)}, not 521 or 556`, SENDERS.bounce);
-}
-
-export interface ProbeOptions {
-  readonly host: string;
-  readonly port: number;
-  readonly rcpt?: string;
-  /** @default 10_000 */
-  readonly timeoutMs?: number;
-}
-
-/** What the greeting (RFC 5321 §4.2, RFC 7504 §3) and the dialog after it say; QUIT is the caller's. */
-async function judge(client: SmtpClient, greeting: Reply, name: string | null, rcpt?: string): Promise<Finding> {
-  if (greeting.code === 521) {
-    return name
-      ? await afterRefusal(client)
-      : wrong("the 521 greeting names no host (RFC 1846 section 4.1)", SENDERS.greeting);
-  }
-  if (greeting.code !== 220) {
-    return wrong(
-      `it greets ${quoted(greeting)}, not 521 (RFC 7504 section 3)`,
-      greeting.code < 500 ? SENDERS.queue : undefined,
-    );
-  }
-  const to = rcpt ?? (name && `postmaster@${name}`);
-  return to ? await atRecipient(client, to, rcpt !== undefined) : wrong("the greeting names no host: pass --rcpt");
-}
-
-/** Probe one host (SPEC §7); resolves with the report, never rejects. */
-export async function probeHost(o: ProbeOptions): Promise<ProbeReport> {
-  const transcript: ProbeLine[] = [];
-  const client = smtpClient(o.host, o.port, o.timeoutMs ?? 10_000, transcript);
-  const report = (found: Finding, greeting: string | null, name: string | null, quit: string | null): ProbeReport => {
-    const { mode, verdict, senders, exit } = found;
-    const target = hostPort(o.host, o.port);
-    return { target, greeting, mode, name, quit, verdict, senders, exit, transcript: [...transcript] };
-  };
-  const cannot = (verdict: string) =>
-    report({ mode: "none", verdict, senders: SENDERS.queue, exit: PROBE_EXIT.unreachable }, null, null, null);
-  try {
-    const greeting = await client.read(); // the connection and the greeting, within one time-out
-    if (greeting === "closed" || greeting === "timeout") {
-      const failure = client.failure();
-      return cannot(failure ? `cannot be reached: ${failure}` : `no greeting: ${quoted(greeting)}`);
-    }
-    if (greeting === "garbled") return report(wrong(`the greeting is ${quoted(greeting)}`), null, null, null);
-    // RFC 1846 §4.1, RFC 5321 §4.2 (Greeting): the first word after the code is a domain or address literal.
-    const name = checkedDomain(greeting.line.slice(4).split(/[ \t]/)[0]);
-    let found = await judge(client, greeting, name, o.rcpt);
-    const open = client.open();
-    const quit = await client.command("QUIT"); // RFC 5321 §4.1.1.10; not sent once the server has closed
-    if (found.exit === PROBE_EXIT.refuses && open && !has(quit, 221)) {
-      found = wrong(`QUIT got ${quoted(quit)}, not 221 (RFC 5321 section 4.1.1.10)`, found.senders, found.mode);
-    }
-    const quitText = !open ? null : typeof quit === "string" ? quoted(quit) : quit.line;
-    return report(found, greeting.line, name, quitText);
-  } finally {
-    client.close();
-  }
-}
-
-/** `host`, `host:port`, `[IPv6]:port`, `[IPv4]:port` or a bare IPv6 address; port 25 by default. */
-function probeTarget(text: string): { host: string; port: number } | UsageError {
-  const parts = isIPv6(text) ? [text, text] : /^\[([^\]]+)\](?::(\d{1,5}))?$|^([^:[\]]+)(?::(\d{1,5}))?$/.exec(text);
-  const host = parts?.[1] ?? parts?.[3] ?? "";
-  const port = Number(parts?.[2] ?? parts?.[4] ?? 25);
-  const named = !!parts?.[3] && (isIPv4(host) || !!checkedDomain(host));
-  if ((named || isIP(host)) && port >= 1 && port <= 65535) return { host, port };
-  return { error: `probe: "${text}" is not HOST[:PORT] with a port from 1 to 65535 (e.g. mx.example, [::1]:2525)` };
-}
-
-/** `--rcpt`: an RFC 5321 §4.1.2 dot-string local part, then a domain or address literal. */
-function probeRecipient(text: string): string | UsageError {
-  const at = text.lastIndexOf("@");
-  const domain = checkedDomain(text.slice(at + 1));
-  return at > 0 && /^[\w!#$%&'*+/=?^`{|}~.-]{1,64}$/.test(text.slice(0, at)) && domain
-    ? `${text.slice(0, at)}@${domain}`
-    : { error: `--rcpt: "${text}" is not USER@DOMAIN (e.g. postmaster@nomail.example)` };
-}
-
-function parseProbe(args: readonly string[]): (ProbeOptions & { json: boolean }) | "help" | UsageError {
-  let parsed;
-  try {
-    parsed = parseArgs({ args: [...args], options: PROBE_FLAGS, strict: true, allowPositionals: true });
-  } catch (error) {
-    const flag = /'([^' ]+)/.exec((error as Error).message)?.[1] ?? "probe";
-    return { error: `${flag}: ${unknownOrBad(error)}; see --help` };
-  }
-  const { values, positionals } = parsed;
-  if (values.help) return "help";
-  if (positionals.length !== 1) return { error: "probe: give one HOST[:PORT] (e.g. probe mx.example:25)" };
-  const target = probeTarget(positionals[0]);
-  const timeoutMs = seconds("timeout", values.timeout);
-  const rcpt = values.rcpt === undefined ? undefined : probeRecipient(values.rcpt);
-  const problem = [target, timeoutMs, rcpt].find(isError);
-  if (problem) return problem;
-  const { host, port } = target as { host: string; port: number };
-  return { host, port, rcpt: rcpt as string | undefined, timeoutMs: timeoutMs as number, json: values.json };
-}
-
-function probeText(r: ProbeReport): string {
-  return [
-    `probe:    ${r.target}`,
-    `greeting: ${r.greeting === null ? "none" : printable(r.greeting)}`,
-    `mode:     ${r.mode}`,
-    `name:     ${r.name ?? "none"}`,
-    `quit:     ${r.quit === null ? `not sent${r.greeting ? ": the server had closed" : ""}` : printable(r.quit)}`,
-    `senders:  ${r.senders}`,
-    `verdict:  ${r.verdict} (exit ${r.exit})`,
-  ].join("\n") + "\n";
-}
-
-/** `smtp521.ts probe HOST[:PORT] [--rcpt USER@DOMAIN] [--timeout S] [--json]` (SPEC §7). */
-export async function probe(args: readonly string[]): Promise<number> {
-  const options = parseProbe(args);
-  if (isError(options)) return await say(options.error, PROBE_EXIT.usage);
-  const out = (text: string, code: number) =>
-    new Promise<number>((resolve) => process.stdout.write(text, () => resolve(code)));
-  if (options === "help") return await out(USAGE, 0);
-  const report = await probeHost(options);
-  return await out(options.json ? `${JSON.stringify(report)}\n` : probeText(report), report.exit);
 }
 
 // ---------------------------------------------------------------------------
@@ -1480,21 +1495,27 @@ const LISTEN_FIXES: Record<string, string> = {
   ENOTSOCK: "that descriptor is not a socket: start from a systemd .socket unit, or use --listen ADDR:PORT",
 };
 
-/** `--user NAME[:GROUP]`: supplementary groups, gid, then uid, after binding (Node, Bun). */
+/**
+ * `--user NAME[:GROUP]`, names or numeric ids: supplementary groups, gid, then
+ * uid, after binding (Node, Bun). A user named by number may have no passwd
+ * entry to take groups from: its only group is then the one given.
+ */
 function dropPrivileges(spec: string): Record<string, string | number> {
-  const [user, group] = spec.split(":");
+  const [user, group] = spec.split(":").map((id) => /^\d+$/.test(id) ? Number(id) : id);
   const gid = group ?? primaryGroup(user);
   if (gid === undefined) throw new Error(`"${user}" is not in /etc/passwd; give NAME:GROUP`);
-  process.initgroups!(user, gid);
+  if (typeof user === "string") process.initgroups!(user, gid);
+  else process.setgroups!([gid]);
   process.setgid!(gid);
   process.setuid!(user);
   return { uid: process.getuid!(), gid: process.getgid!(), groups: process.getgroups!().join(",") };
 }
 
-function primaryGroup(user: string): number | undefined {
-  const entry = readFileSync("/etc/passwd", "latin1").split("\n").find((line) => line.startsWith(`${user}:`));
-  const gid = entry?.split(":")[3];
-  return gid ? Number(gid) : undefined;
+/** The primary group of a user, by name or uid, from /etc/passwd. */
+function primaryGroup(user: string | number): number | undefined {
+  const entry = readFileSync("/etc/passwd", "latin1").split("\n").map((line) => line.split(":"))
+    .find((fields) => fields[typeof user === "string" ? 0 : 2] === String(user));
+  return entry?.[3] ? Number(entry[3]) : undefined;
 }
 
 /** One line on stderr, then the exit code (the write callback: nothing is cut short). */
@@ -1517,7 +1538,10 @@ function signalled(again: () => void): Promise<string> {
 }
 
 export async function main(args: readonly string[]): Promise<number> {
-  if (args[0] === "probe") return await probe(args.slice(1));
+  process.stderr.on("error", () => {}); // a closed standard error is never fatal (the log counts its losses)
+  if (args[0] === "probe") {
+    return await say("probe: the probe is its own file now: run probe.ts (e.g. deno run --allow-net probe.ts HOST)", 2);
+  }
   const options = parseOptions(args);
   if (isError(options)) return await say(options.error, 2);
   if (options.help || options.version) {
@@ -1536,7 +1560,7 @@ export async function main(args: readonly string[]): Promise<number> {
       2,
     );
   }
-  const { log, flush } = stderrLog(options.logFormat);
+  const { log, flush, dropped } = stderrLog(options.logFormat);
   const common = { ...options, log };
   process.on("SIGHUP", () => log("signal", { signal: "SIGHUP", action: "ignored" }));
 
@@ -1583,7 +1607,7 @@ export async function main(args: readonly string[]): Promise<number> {
   const signal = await signalled(() => server.close(0));
   const ended = await server.close(options.drainMs);
   const total = Object.values(ended).reduce((sum, n) => sum + n, 0);
-  log("stop", { signal, sessions: total, ...ended });
+  log("stop", { signal, sessions: total, ...ended, ...(dropped() ? { log_dropped: dropped() } : {}) });
   await flush();
   return 0;
 }
