@@ -864,7 +864,7 @@ const ACCEPT_RETRY_MS = 100;
  * one EMFILE, and loses the greeting of a client that half-closes at once;
  * `Deno.listen` reports EMFILE and goes on once descriptors free up.
  */
-async function bindDeno(where: { host: string; port: number }): Promise<Listener> {
+function bindDeno(where: { host: string; port: number }): Listener {
   const listener = deno!.listen({ hostname: where.host, port: where.port, transport: "tcp" });
   const { hostname, port } = listener.addr;
   let open = true;
@@ -979,7 +979,8 @@ async function writeAll(conn: DenoConn, bytes: Uint8Array): Promise<void> {
 }
 
 function bind(where: ListenAddress): Promise<Listener> {
-  return deno && !("fd" in where) ? bindDeno(where) : bindNode(where);
+  if (!deno || "fd" in where) return bindNode(where);
+  return new Promise((resolve) => resolve(bindDeno(where))); // a failure to bind rejects
 }
 
 /** SPEC §5: "every address" is `::` (IPv4 too), or `0.0.0.0` where IPv6 is absent. */
