@@ -2,8 +2,19 @@
 // over a real socket, run a client program. Every connection goes to
 // 127.0.0.1 or ::1 and every wait is bounded.
 
-import { type ChildProcess, execFile, spawn } from "node:child_process";
+import { type ChildProcess, execFile, spawn, spawnSync } from "node:child_process";
+import {
+  chmodSync,
+  copyFileSync,
+  linkSync,
+  mkdtempSync,
+  readFileSync,
+  realpathSync,
+  rmSync,
+  writeFileSync,
+} from "node:fs";
 import { connect } from "node:net";
+import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 
@@ -17,6 +28,71 @@ export const RUNTIMES = {
   bun: [join(BIN, "bun"), FILE],
 } as const;
 export type Runtime = keyof typeof RUNTIMES;
+
+/** Whether `tool` is on PATH. */
+export const has = (tool: string) => spawnSync("sh", ["-c", 'command -v "$0"', tool]).status === 0;
+export const isRoot = process.getuid?.() === 0;
+
+/**
+ * A test that cannot run on this machine is reported as skipped, never as passed, and says
+ * why in its name: `it.skipIf(why)(unless("does x", why), ...)`, where `why` is the reason or
+ * "" when it can run. `.ci/run` fails on any skipped test whose reason it does not name.
+ */
+export const unless = (name: string, why: string) => (why ? `${name} [skipped: ${why}]` : name);
+
+/** Resolve `promise`, or fail after `ms` saying what did not happen. */
+export function within<T>(promise: Promise<T>, ms: number, what: string): Promise<T> {
+  let timer: ReturnType<typeof setTimeout>;
+  const late = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`not within ${ms} ms: ${what}`)), ms);
+  });
+  return Promise.race([promise, late]).finally(() => clearTimeout(timer));
+}
+
+/** Wait until `condition()` holds, checking every 20 ms, for at most `ms`. */
+export async function until(condition: () => boolean, ms: number, what: string): Promise<void> {
+  const deadline = Date.now() + ms;
+  while (!condition()) {
+    if (Date.now() > deadline) throw new Error(`not within ${ms} ms: ${what}`);
+    await new Promise((resolve) => setTimeout(resolve, 20));
+  }
+}
+
+/** Whether a TCP socket listens on `port` (any address), from the kernel's own table. */
+export function listening(port: number): boolean {
+  const hex = port.toString(16).toUpperCase().padStart(4, "0");
+  return ["/proc/net/tcp", "/proc/net/tcp6"].some((table) => {
+    // "sl local_address rem_address st ...": st 0A is LISTEN.
+    return readFileSync(table, "latin1").split("\n").some((row) => {
+      const [, local, , state] = row.trim().split(/\s+/);
+      return state === "0A" && local?.endsWith(`:${hex}`);
+    });
+  });
+}
+
+/**
+ * Node 24 and smtp521.ts where any user may run them, for the tests that run smtp521 as
+ * nobody: the checkout may live where nobody cannot reach it (a clone in a `mktemp -d`
+ * directory, mode 0700, or a private home directory). A hard link of the runtime where the
+ * file system allows it (the binary is 120 MB), else a copy; a copy of the file. `remove()`
+ * deletes the directory.
+ */
+export function forAnyUser(): { node: string; file: string; remove(): void } {
+  const dir = mkdtempSync(join(tmpdir(), "smtp521-any-user-"));
+  chmodSync(dir, 0o755);
+  const node = join(dir, "node");
+  try {
+    linkSync(realpathSync(RUNTIMES.node[0]), node);
+  } catch {
+    copyFileSync(realpathSync(RUNTIMES.node[0]), node); // another file system, or links not allowed
+    chmodSync(node, 0o755);
+  }
+  const file = join(dir, "smtp521.ts");
+  copyFileSync(FILE, file);
+  chmodSync(file, 0o644);
+  writeFileSync(join(dir, "package.json"), '{ "type": "module" }\n', { mode: 0o644 });
+  return { node, file, remove: () => rmSync(dir, { recursive: true, force: true }) };
+}
 
 export interface Running {
   readonly child: ChildProcess;
@@ -67,7 +143,8 @@ export async function start(runtime: Runtime, args: string[] = [], wrap: string[
       check();
     });
   }
-  const startLine = await waitFor(/event=start |"event":"start"/);
+  // Deno starts in about 70 ms idle; 20 s is for a machine busy with other work.
+  const startLine = await waitFor(/event=start |"event":"start"/, 20_000);
   const port = Number(/listen(?:=|":")[^\s",]*:(\d+)/.exec(startLine)![1]);
   return {
     child,
@@ -99,7 +176,7 @@ export function talk(
   send: string | Uint8Array = "",
   {
     host = "127.0.0.1",
-    ms = 5000,
+    ms = 15_000, // a bound for a busy machine: every test expects the server to end the talk first
     afterGreeting = true,
     halfClose = false,
     localAddress = undefined as string | undefined,

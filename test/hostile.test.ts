@@ -6,7 +6,7 @@ import { spawn } from "node:child_process";
 import { connect, createServer, type Socket } from "node:net";
 import { afterEach, beforeEach, describe, expect, it } from "vitest";
 import { serve, type ServeOptions } from "../smtp521.ts";
-import { greeting, type Runtime, RUNTIMES, start, talk } from "./helpers.ts";
+import { greeting, type Runtime, RUNTIMES, start, talk, until } from "./helpers.ts";
 
 const NAME = "mx.example";
 
@@ -31,14 +31,6 @@ function hold(port: number, localAddress = "127.0.0.1"): Promise<{ socket: Socke
     socket.once("error", reject);
     setTimeout(() => reject(new Error("no greeting in 5 s")), 5000).unref();
   });
-}
-
-async function until(condition: () => boolean, ms: number, what: string) {
-  const deadline = Date.now() + ms;
-  while (!condition()) {
-    if (Date.now() > deadline) throw new Error(`not within ${ms} ms: ${what}`);
-    await new Promise((resolve) => setTimeout(resolve, 20));
-  }
 }
 
 const timers = () => process.getActiveResourcesInfo().filter((kind) => kind === "Timeout").length;
@@ -95,7 +87,6 @@ describe("faults never crash and never leak (in process)", () => {
     const running = await inProcess({ maxPerIp: 1000 });
     const { port } = running;
     const scenarios: Promise<unknown>[] = [];
-    const after = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
     for (let i = 0; i < 20; i++) {
       // Reset as soon as connected, before reading anything.
       scenarios.push(
@@ -129,8 +120,8 @@ describe("faults never crash and never leak (in process)", () => {
       );
     }
     await Promise.all(scenarios);
-    await until(() => running.server.connections() === 0, 5000, "every socket to close");
-    await after(50);
+    await until(() => running.server.connections() === 0, 15_000, "every socket to close");
+    await until(() => running.sessions().length >= 100, 15_000, "a line for each of the 100 sessions");
     const ends = running.sessions().map((s) => String(s.end));
     expect(ends).toHaveLength(100);
     expect(ends.filter((e) => e === "client-closed").length).toBeGreaterThanOrEqual(20);
@@ -212,15 +203,18 @@ describe("cross-protocol probes and slow clients (the real file)", () => {
       try {
         const socket = connect({ host: "127.0.0.1", port: server.port }).resume();
         const begun = Date.now();
-        const trickle = setInterval(() => socket.write("N"), 100);
+        const trickle = setInterval(() => socket.writable && socket.write("N"), 100);
+        const guard = setTimeout(() => socket.destroy(), 12_000);
         const closedAfter = await new Promise<number>((resolve) => {
           socket.on("close", () => resolve(Date.now() - begun));
           socket.on("error", () => {});
-          setTimeout(() => socket.destroy(), 5000);
         });
         clearInterval(trickle);
+        clearTimeout(guard);
+        // Never before the 1 s time-out; if the bytes extended it, the trickle would hold it open
+        // until our 12 s guard. 6 s leaves a busy machine 5 s of lateness and still tells the two apart.
         expect(closedAfter).toBeGreaterThanOrEqual(900);
-        expect(closedAfter).toBeLessThan(1800);
+        expect(closedAfter).toBeLessThan(6000);
         await server.waitFor(/lines=0 end=timeout$/);
       } finally {
         await server.stop();
@@ -228,21 +222,25 @@ describe("cross-protocol probes and slow clients (the real file)", () => {
     });
 
     it("restarts the time-out at every complete line", async () => {
-      const server = await start(runtime, ["--hostname", NAME, "--timeout", "1"]);
+      // Lines 400 ms apart against a 1.5 s time-out: even a busy machine that delays a line by
+      // a second keeps each gap under the time-out.
+      const server = await start(runtime, ["--hostname", NAME, "--timeout", "1.5"]);
       try {
         const socket = connect({ host: "127.0.0.1", port: server.port }).resume();
         socket.on("error", () => {});
-        const begun = Date.now();
-        let sent = 0;
-        const lines = setInterval(() => sent++ < 5 && socket.write("NOOP\r\n"), 400);
-        const closedAfter = await new Promise<number>((resolve) => {
-          socket.on("close", () => resolve(Date.now() - begun));
-          setTimeout(() => socket.destroy(), 8000);
-        });
+        const sentAt: number[] = [];
+        const lines = setInterval(() => {
+          if (sentAt.length < 5 && socket.writable) socket.write("NOOP\r\n", () => sentAt.push(Date.now()));
+        }, 400);
+        const guard = setTimeout(() => socket.destroy(), 20_000);
+        const closedAt = await new Promise<number>((resolve) => socket.on("close", () => resolve(Date.now())));
         clearInterval(lines);
-        // Five lines 400 ms apart keep it open past 2 s; it closes about 1 s after the last.
-        expect(closedAfter).toBeGreaterThanOrEqual(2800);
-        expect(closedAfter).toBeLessThan(4000);
+        clearTimeout(guard);
+        // Five lines keep it open for about 2 s, past the time-out; it closes 1.5 s after the last
+        // (never earlier; 5 s later at most on a busy machine, far from our 20 s guard).
+        expect(sentAt).toHaveLength(5);
+        expect(closedAt - sentAt[4]).toBeGreaterThanOrEqual(1400);
+        expect(closedAt - sentAt[4]).toBeLessThan(6500);
         await server.waitFor(/lines=5 end=timeout$/);
       } finally {
         await server.stop();
@@ -268,16 +266,32 @@ describe("out of file descriptors (the real file, ulimit -n 64)", () => {
         await until(() => /event=start .*listen=\S+:(\d+)/.test(log), 10_000, "the start line");
         const port = Number(/listen=\S+:(\d+)/.exec(log)![1]);
         const begun = Date.now();
-        const clients = await Promise.all(Array.from({ length: 100 }, () => talk(port, "", { ms: 3000 })));
+        // 100 clients at once, each held until it has its greeting (or the server closed it): those
+        // past the limit too hear the 521, then a close.
+        const sockets: Socket[] = [];
+        const heard = await Promise.all(Array.from({ length: 100 }, () =>
+          new Promise<string>((resolve) => {
+            const socket = connect({ host: "127.0.0.1", port });
+            sockets.push(socket);
+            let text = "";
+            const done = () => {
+              clearTimeout(guard);
+              resolve(text);
+            };
+            const guard = setTimeout(done, 20_000);
+            socket.on("data", (chunk) => (text += chunk.toString("latin1")) && text.endsWith("\r\n") && done());
+            socket.on("close", done);
+            socket.on("error", () => {});
+          })));
         const seconds = (Date.now() - begun) / 1000;
-        // Every client heard the 521: those past the limit too, then a close.
-        expect(clients.filter((c) => c.text === greeting(NAME)).length).toBe(100);
+        for (const socket of sockets) socket.destroy();
+        expect(heard.filter((text) => text === greeting(NAME)).length).toBe(100);
         const warnings = log.split("\n").filter((l) => l.includes("event=error error=EMFILE"));
         expect(warnings.length).toBeGreaterThanOrEqual(1);
         expect(warnings.length).toBeLessThanOrEqual(Math.ceil(seconds) + 1);
         expect(child.exitCode).toBe(null);
         // Once the refused sockets have lingered out, a client gets a whole session again.
-        const deadline = Date.now() + 8000;
+        const deadline = Date.now() + 20_000;
         let fresh = await talk(port, "QUIT\r\n");
         while (!fresh.text.includes("221") && Date.now() < deadline) {
           await new Promise((resolve) => setTimeout(resolve, 200));
