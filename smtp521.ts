@@ -891,7 +891,7 @@ function bindDeno(where: { host: string; port: number }): Listener {
 }
 
 /** Deno: read at most this much at once (a line is at most MAX_LINE octets). */
-const DENO_READ_BYTES = 4096;
+const DENO_READ_BYTES = 1024;
 /** Deno: past this many bytes not yet written, `write` says "wait for drain", as node:net does. */
 const DENO_HIGH_WATER = 64 * 1024;
 
@@ -1424,15 +1424,21 @@ const LOG_BACKLOG = 1024 * 1024;
 /** How long the last lines may take to leave at exit. */
 const LOG_EXIT_MS = 2000;
 
+/** Hands bytes to the log's sink, then calls back once, with the error if they were lost. */
+export type LogSink = (bytes: Uint8Array, done: (error: Error | null) => void) => void;
+
 /**
- * A log to standard error (descriptor 2), one write at a time. The log is never
+ * A log to standard error (or `sink`), one write at a time. The log is never
  * a way to stop the service: a sink that fails (EPIPE once the reader of a pipe
  * is gone, ENOSPC behind a redirect) or stalls costs dropped lines, counted,
  * never a crash or unbounded memory. The first write that gets through after
  * a loss says how many lines were lost; `dropped` counts them all, for the
  * stop line. `flush` waits for what it holds (call it before exit).
  */
-function stderrLog(format: LogFormat): { log: Log; flush(): Promise<void>; dropped(): number } {
+export function createLog(
+  format: LogFormat,
+  sink: LogSink = writeStderr,
+): { log: Log; flush(): Promise<void>; dropped(): number } {
   if (format === "off") return { log: () => {}, flush: () => Promise.resolve(), dropped: () => 0 };
   let backlog = "";
   let writing = false;
@@ -1452,7 +1458,7 @@ function stderrLog(format: LogFormat): { log: Log; flush(): Promise<void>; dropp
     const lines = backlog.split("\n").length - 1;
     backlog = "";
     writing = true;
-    writeStderr(bytes, (error) => {
+    sink(bytes, (error) => {
       writing = false;
       if (error) lose(lines);
       else unreported -= reported;
@@ -1561,7 +1567,7 @@ export async function main(args: readonly string[]): Promise<number> {
       2,
     );
   }
-  const { log, flush, dropped } = stderrLog(options.logFormat);
+  const { log, flush, dropped } = createLog(options.logFormat);
   const common = { ...options, log };
   process.on("SIGHUP", () => log("signal", { signal: "SIGHUP", action: "ignored" }));
 
