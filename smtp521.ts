@@ -1148,11 +1148,11 @@ export function serveStdio(options: StdioOptions = {}): { done: Promise<EndReaso
   const o = { ...DEFAULTS, ...options };
   const conduit = stdioConduit();
   // The socket's own addresses where it has them; else tcpserver's and systemd's variables.
-  const ends: Partial<Socket> = conduit instanceof Socket ? conduit : {};
-  const remoteIp = ends.remoteAddress ?? readEnv("TCPREMOTEIP") ?? readEnv("REMOTE_ADDR") ?? readEnv("REMOTE_HOST");
-  const remotePort = ends.remotePort ?? readEnv("TCPREMOTEPORT") ?? readEnv("REMOTE_PORT") ?? "-";
-  const localPort = ends.localPort ?? readEnv("TCPLOCALPORT") ?? "-";
-  const name = stdioName(o.hostname, ends.localAddress, o.log);
+  const { remoteAddress, remotePort: port, localAddress, localPort: local } = conduit;
+  const remoteIp = remoteAddress ?? readEnv("TCPREMOTEIP") ?? readEnv("REMOTE_ADDR") ?? readEnv("REMOTE_HOST");
+  const remotePort = port ?? readEnv("TCPREMOTEPORT") ?? readEnv("REMOTE_PORT") ?? "-";
+  const localPort = local ?? readEnv("TCPLOCALPORT") ?? "-";
+  const name = stdioName(o.hostname, localAddress, o.log);
   const session = createSession({ ...o, maxCommands: o.maxCommands ?? MAX_COMMANDS[o.mode], name });
   const sweeper = deadlineSweeper(Math.min(o.timeoutMs, o.maxDurationMs));
   const done = new Promise<EndReason>((resolve) => {
@@ -1167,15 +1167,21 @@ export function serveStdio(options: StdioOptions = {}): { done: Promise<EndReaso
 }
 
 /**
- * Where stdin and stdout are one socket (inetd, systemd `Accept=yes`, socat),
- * that socket, for its addresses and a real half-close; else stdin and stdout
- * joined. Bun cannot open descriptor 0 as a socket, so it takes the join.
+ * Stdin and stdout as one conduit. Where they are one socket (inetd, systemd
+ * `Accept=yes`, socat), its addresses name the ends, and on Node the session
+ * runs over that socket, for a real half-close. Bun cannot open descriptor 0
+ * as a socket, and Deno's node:net socket loses the greeting of a client that
+ * half-closes at once: there the session runs over stdin and stdout joined.
  */
-function stdioConduit(): Socket | Duplex {
+function stdioConduit(): Connection & { readonly localPort?: number } {
   const [input, output] = [fstatSync(0), fstatSync(1)];
   const oneSocket = input.isSocket() && input.dev === output.dev && input.ino === output.ino;
-  if (oneSocket && !bun) return new Socket({ fd: 0, readable: true, writable: true });
-  return Duplex.from({ readable: process.stdin, writable: process.stdout });
+  if (oneSocket && !bun && !deno) return new Socket({ fd: 0, readable: true, writable: true });
+  const joined = Duplex.from({ readable: process.stdin, writable: process.stdout });
+  if (!oneSocket || bun) return joined;
+  const ends = new Socket({ fd: 0, readable: false, writable: false }); // only asked for its addresses
+  const { localAddress, localPort, remoteAddress, remotePort } = ends;
+  return Object.assign(joined, { localAddress, localPort, remoteAddress, remotePort });
 }
 
 /** SPEC §5: the name for a stdio session, from the best source the runtime allows. */

@@ -544,3 +544,29 @@ describe("--user", () => {
     });
   });
 });
+
+describe.each(ALL)("one session on stdin and stdout (systemd Accept=yes), on %s", (runtime) => {
+  const why = has("systemd-socket-activate") ? "" : "no systemd-socket-activate";
+  it.skipIf(why !== "")(unless("greets every client that half-closes right after connecting (10 of 10)", why), async () => {
+    const port = await freePort();
+    const launcher = spawn(
+      "systemd-socket-activate",
+      ["-l", `127.0.0.1:${port}`, "--accept", "--inetd", ...RUNTIMES[runtime], "--stdio", "--hostname", NAME],
+      { stdio: ["ignore", "ignore", "pipe"] },
+    );
+    let log = "";
+    launcher.stderr!.setEncoding("latin1").on("data", (text: string) => (log += text));
+    try {
+      await until(() => log.includes("Listening on"), 15_000, "systemd-socket-activate to listen");
+      let greeted = 0;
+      for (let n = 0; n < 10; n++) {
+        const got = await talk(port, "", { afterGreeting: false, halfClose: true, ms: 10_000 });
+        if (got.text === REFUSE) greeted++;
+      }
+      expect(greeted, log).toBe(10);
+    } finally {
+      launcher.kill("SIGTERM");
+      await exited(launcher);
+    }
+  });
+});
