@@ -1,173 +1,138 @@
-// The benchmark of issue 7: smtp521 against a bare node:net responder on
-// Node 24, Deno and Bun, one server at a time, interleaved over the repeats.
+// The benchmark (bench/README.md): smtp521 against the floor on Node 24, Deno
+// and Bun, one server at a time, the load generator on CPU 0 and the server on
+// CPU 1. Nothing here asserts about time; every figure is a ratio taken within
+// one repeat or one server.
 //
-//   npm run bench                      # full run (~18 min): bench/RESULTS.md, raw data and logs in bench/out/
-//   node bench/run.ts --smoke          # tiny counts, a few seconds; writes to a temp dir only
-//   node bench/run.ts --out DIR        # everything (RESULTS.md too) under DIR
-//   --runtimes node,bun  --impls baseline,smtp521  --repeats N  --processes N
-//                                      # a part of the run (the report needs the baseline)
-//   --product /tmp/patched.ts          # measure another copy of smtp521.ts as "smtp521"
-//
-// Every figure is also taken for the baseline in the same repeat, back to
-// back, and reported as the ratio smtp521 / baseline, so the machine's speed
-// and the runtime's own cost drop out. Nothing here asserts about time.
+//   npm run bench                # full run (~10 min): bench/RESULTS.md; raw figures and logs in bench/out/
+//   node bench/run.ts --smoke    # tiny counts, under a minute; writes to a temporary directory only
+//   --out DIR  --runtimes node,bun  --phases rate,memory,hostile,lines,small  --repeats N  --concurrencies 1,16
+//   --rated baseline,floor,smtp521,control   # the servers of the speed phase, in this order (reversed every repeat)
+//   --product /tmp/patched.ts    # measure another copy of smtp521.ts as "smtp521"
+//   --no-pin                     # servers and load generator share the cores (HISTORY.md, 12)
 
 import { execFileSync } from "node:child_process";
 import { createHash } from "node:crypto";
-import { existsSync, mkdirSync, mkdtempSync, readFileSync, writeFileSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { mkdirSync, mkdtempSync, readFileSync, writeFileSync } from "node:fs";
+import { loadavg, tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import process from "node:process";
 import { parseArgs } from "node:util";
-import { awaitQuiet, measureHeld, measureHostile, measureRate } from "./load.ts";
-import type { HostileLoad, Pool, Rate } from "./load.ts";
-import { startPool } from "./load.ts";
-import { BIN, command, FILES, IMPLS, machine, NAME, ROOT, RUNTIMES, serverArgs, startServer } from "./proc.ts";
-import type { Impl, Runtime } from "./proc.ts";
-import { marginal, markdown, NATIVE, targets } from "./report.ts";
-import type { Context, Sample } from "./report.ts";
-
-export interface Config extends HostileLoad {
-  repeats: number;
-  /** Client processes for the multi-client runs (N); the baseline is also run with N+1. */
-  processes: number;
-  concurrencies: number[];
-  /** Each rate measurement. */
-  rateMs: number;
-  /** The warm-up that starts a rate phase, at 16 clients. */
-  rateWarmMs: number;
-  /** The unmeasured load before each rate measurement, at its concurrency; the hostile phase's warm-up. */
-  warmMs: number;
-  /** Idle connections held per step (two steps) for the memory figures, and the pause before RSS is read. */
-  hold: number;
-  settleMs: number;
-  /** smtp521's --timeout in the hostile phase, so it closes the slowloris clients itself. */
-  timeoutS: number;
-  /**
-   * The machine may be shared: other programs' CPU (in cores) above which a
-   * rate window is measured again (at most `retries` times), and how long to
-   * wait for quiet before each server starts.
-   */
-  foreignMax: number;
-  retries: number;
-  quietMs: number;
-  /** Lead time for the client processes to start together; RSS samples per reading and their spacing. */
-  leadMs: number;
-  rssSamples: number;
-  rssEveryMs: number;
-}
+import type { Script } from "./client.ts";
+import { BIN, command, IMPLS, machine, measureHeld, measureHostile, measureRate, NAME, PRODUCT, ROOT } from "./load.ts";
+import { RUNTIMES, serverFile, settledRss, startPool, startServer } from "./load.ts";
+import type { Impl, Pool, Runtime, Server } from "./load.ts";
+import { markdown } from "./report.ts";
+import type { Line, Sample, Small } from "./report.ts";
 
 const MB = 1024 * 1024;
-/** Kept by hand: each change made for the targets, with its figures before and after; copied into RESULTS.md. */
-const HISTORY = join(ROOT, "bench", "HISTORY.md");
 
-export const FULL: Config = {
+export const FULL = {
   repeats: 3,
-  // On the 2-core machine, 2 processes left the baseline 3-7 % short of what 3 reach; 3 -> 4 gained nothing.
-  processes: 3,
+  /** Load-generator processes (all on CPU 0). */
+  processes: 2,
   concurrencies: [1, 16, 128],
-  rateMs: 3000,
-  // 1 s was too short: Deno's JIT still tiered up some 100 functions in the first window measured after it, and that
-  // window's p99 at 1 client came out 0.37-0.44 ms where the next ones gave 0.20-0.23 (bench/HISTORY.md, item 8).
-  rateWarmMs: 5000,
-  warmMs: 1000,
+  /** Speed: a warm-up at 16 clients (Deno's JIT still tiers up in the first seconds: HISTORY.md, 8), then at each
+   * concurrency `warmMs` unmeasured and `rateMs` measured. */
+  rateWarmMs: 3000,
+  warmMs: 500,
+  rateMs: 2500,
+  /** Memory: idle connections held per step (two steps); RSS readings per figure; the pause before RSS is read. */
   hold: 5000,
   settleMs: 1000,
+  rssSamples: 5,
+  /** Hostile: slowloris clients and one long line; smtp521's --timeout, so it closes the slowloris clients itself. */
   slowloris: 1000,
   dripMs: 300,
   lifeMs: 4000,
   lineBytes: 100 * MB,
   lineMs: 10_000,
-  sampleMs: 50,
   timeoutS: 2,
-  foreignMax: 0.2,
-  retries: 2,
-  quietMs: 10_000,
-  leadMs: 150,
-  rssSamples: 5,
-  rssEveryMs: 100,
+  /** Adversarial lines: rounds over the shapes, a window per shape and round at 4 clients. */
+  lineRounds: 3,
+  lineWindowMs: 400,
+  /** Small hosts: starts timed per flag variant, connections held. */
+  starts: 3,
+  smallHold: 1000,
 };
+export type Config = typeof FULL;
 
 export const SMOKE: Config = {
   ...FULL,
   repeats: 1,
-  rateMs: 200,
   rateWarmMs: 100,
   warmMs: 100,
+  rateMs: 200,
   hold: 500,
   settleMs: 100,
+  rssSamples: 1,
   slowloris: 50,
   dripMs: 100,
   lifeMs: 400,
   lineBytes: 4 * MB,
   lineMs: 2000,
-  retries: 0,
-  quietMs: 0,
-  leadMs: 50,
-  rssSamples: 1,
-  rssEveryMs: 0,
+  lineRounds: 1,
+  lineWindowMs: 300,
+  starts: 1,
+  smallHold: 100,
 };
 
-const elapsed = (() => {
-  const begun = Date.now();
-  return () => `${((Date.now() - begun) / 1000).toFixed(0).padStart(4)} s`;
-})();
-const progress = (text: string) => process.stderr.write(`bench ${elapsed()}: ${text}\n`);
-const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
+/** The runtime flags tried for a small host (bench/README.md); the first of each runtime is none. */
+export const VARIANTS: Record<Runtime, string[][]> = {
+  node: [[], ["--max-semi-space-size=1"], ["--max-semi-space-size=1", "--single-threaded-gc", "--v8-pool-size=0"]],
+  deno: [[], ["--v8-flags=--max-semi-space-size=1"], ["--v8-flags=--max-semi-space-size=1,--single-threaded-gc"]],
+  bun: [[], ["--smol"]],
+};
 
-/**
- * The servers measured on a runtime: the baseline, the floor, smtp521 and the
- * control, then the runtime's native responder if it has one. The baseline and
- * the control take the ends and swap them every repeat, as smtp521 and the
- * floor do the middle, so smtp521 and the control each meet the baseline in
- * the same order, and smtp521 and the floor do.
- */
-function implsFor(runtime: Runtime, repeat: number, only: readonly Impl[]): Impl[] {
-  const order: Impl[] = repeat % 2
-    ? ["control", "smtp521", "floor", "baseline"]
-    : ["baseline", "floor", "smtp521", "control"];
-  const native = NATIVE[runtime];
-  return (native ? [...order, native] : order).filter((impl) => only.includes(impl));
-}
+const cut = (line: string) => line.slice(0, 998);
+const a = (n: number) => "a".repeat(n);
+
+/** The adversarial lines of issue 15, without their CRLF; the two NOOPs first. */
+export const SHAPES: [string, string][] = [
+  ["NOOP (4 octets)", "NOOP"],
+  ["NOOP + 993 x", cut(`NOOP ${"x".repeat(993)}`)],
+  ["RCPT TO:< + tabs", cut(`RCPT TO:<${"\t".repeat(990)}`)],
+  ["NOOP + spaces + x", cut(`NOOP${" ".repeat(990)}x`)],
+  ["A x 990 (an unknown verb)", "A".repeat(990)],
+  ["RCPT TO:< + @", cut(`RCPT TO:<${"@".repeat(990)}`)],
+  ["RCPT TO:<@ + :", cut(`RCPT TO:<@${":".repeat(990)}`)],
+  ["MAIL FROM: + <", cut(`MAIL FROM:${"<".repeat(990)}`)],
+  ["RCPT TO:<u@[ + [", cut(`RCPT TO:<u@[${"[".repeat(990)}`)],
+  ["RCPT TO:<u@[IPv6:fe80::1% + %", cut(`RCPT TO:<u@[IPv6:fe80::1%${"%".repeat(990)}`)],
+  ['RCPT TO:< + "', cut(`RCPT TO:<${'"'.repeat(990)}`)],
+  ["RCPT TO:< + \\", cut(`RCPT TO:<${"\\".repeat(990)}`)],
+  ["RCPT TO:<u@ + a. x 490 + >", cut(`RCPT TO:<u@${"a.".repeat(490)}>`)],
+  ["RCPT TO:<u@a + - x 970 + >", cut(`RCPT TO:<u@a${"-".repeat(970)}>`)],
+  ["RCPT TO:<u@ + a valid 253-octet domain + >", `RCPT TO:<u@${[a(63), a(63), a(63), a(61)].join(".")}>`],
+  [
+    "RCPT TO: + a 256-octet path + parameters",
+    cut(`RCPT TO:<u@${[a(63), a(63), a(63), a(60)].join(".")}> ${"X-P=v ".repeat(130)}`),
+  ],
+];
+
+const PHASES = ["rate", "memory", "hostile", "lines", "small"] as const;
+
+const begun = Date.now();
+const progress = (text: string) =>
+  process.stderr.write(`bench ${((Date.now() - begun) / 1000).toFixed(0).padStart(4)} s: ${text}\n`);
+const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
 
 interface Where {
   runtime: Runtime;
-  impl: Impl;
   logs: string;
   pool: Pool;
   config: Config;
-  /** The file run as smtp521 (`--product`, e.g. a patched copy to compare). */
   product: string;
 }
 
-/** A rate measurement, taken again (up to `config.retries` times) if other programs took CPU during it. */
-async function steadyRate(where: Where, server: { pid: number; port: number }, c: number, processes: number) {
-  const { pool, config } = where;
-  for (let attempt = 0;; attempt++) {
-    const rate = await measureRate(pool, server, c, processes, config.rateMs, config.leadMs);
-    if (rate.foreign <= config.foreignMax || attempt >= config.retries) return rate;
-    progress(
-      `${where.runtime} ${where.impl} @${c}: other programs took ${(100 * rate.foreign).toFixed(0)} % of a core; again`,
-    );
-    await awaitQuiet(pool.pids.concat(server.pid), config.foreignMax / 2, config.quietMs);
-  }
-}
-
-/** Start a server once the machine is quiet, run `body` against it, and stop it whatever happens. */
+/** Start a server, run `body` against it, and stop it whatever happens. */
 async function withServer<T>(
-  where: Where,
-  phase: string,
-  body: (s: { pid: number; port: number }) => Promise<T>,
-  timeoutS?: number,
+  w: Where,
+  name: string,
+  args: string[],
+  body: (s: Server) => Promise<T>,
+  flags: string[] = [],
 ) {
-  const { pool, config } = where;
-  const foreign = await awaitQuiet(pool.pids, config.foreignMax / 2, config.quietMs);
-  if (foreign > config.foreignMax / 2) {
-    progress(`other programs use ${(100 * foreign).toFixed(0)} % of a core; going on`);
-  }
-  const log = join(where.logs, `${where.runtime}-${where.impl}-${phase}.log`);
-  const file = where.impl === "smtp521" ? where.product : FILES[where.impl];
-  const server = await startServer(where.runtime, where.impl, log, timeoutS, file);
+  const server = await startServer(w.runtime, args, join(w.logs, `${w.runtime}-${name}.log`), flags);
   try {
     return await body(server);
   } finally {
@@ -175,232 +140,189 @@ async function withServer<T>(
   }
 }
 
-/**
- * Sessions/s and greeting latency at each concurrency, after a warm-up; the baseline also with N+1 client processes.
- * Each window follows a second of the same load, unmeasured: the switch from one load to the next is not measured.
- */
-async function ratePhase(where: Where): Promise<Record<string, Rate>> {
-  const { pool, config } = where;
-  return await withServer(where, "rate", async (server) => {
-    const measured = async (c: number, processes: number) => {
-      await measureRate(pool, server, c, processes, config.warmMs, config.leadMs);
-      return await steadyRate(where, server, c, processes);
-    };
-    const rates: Record<string, Rate> = {};
-    await measureRate(pool, server, 16, config.processes, config.rateWarmMs, config.leadMs); // JIT and buffers warm
-    for (const c of config.concurrencies) rates[String(c)] = await measured(c, Math.min(c, config.processes));
-    if (where.impl === "baseline") rates["16@N+1"] = await measured(16, config.processes + 1);
+/** Speed at each concurrency, after a warm-up; each window after unmeasured load of its own. */
+function ratePhase(w: Where, impl: Impl) {
+  return withServer(w, `${impl}-rate`, serverFile(impl, w.product), async (server) => {
+    await measureRate(w.pool, server, 16, w.config.rateWarmMs);
+    const rates: Sample["rates"] = {};
+    for (const c of w.config.concurrencies) {
+      await measureRate(w.pool, server, c, w.config.warmMs);
+      rates[c] = await measureRate(w.pool, server, c, w.config.rateMs);
+    }
     return rates;
   });
 }
 
-/**
- * Idle RSS and RSS with `hold`, then 2 x `hold` idle connections, on a fresh
- * process with no warm-up: a warm-up leaves tens of MB of touched, free heap
- * (V8's young generation) that the first thousands of connections fill
- * without raising RSS, which made the per-connection cost swing from run to run.
- */
-async function memoryPhase(where: Where) {
-  const { pool, config } = where;
-  return await withServer(where, "memory", async (server) => {
-    await sleep(config.settleMs); // start-up finishes (Deno grows a little after its start line)
-    return await measureHeld(pool, server, { ...config, step: config.hold, steps: 2 });
+/** Idle RSS, then with `hold` and 2 x `hold` idle connections, on a fresh process with no warm-up (HISTORY.md, 1). */
+function memoryPhase(w: Where, impl: Impl) {
+  return withServer(w, `${impl}-memory`, serverFile(impl, w.product), async (server) => {
+    await sleep(w.config.settleMs);
+    return await measureHeld(w.pool, server, w.config.hold, 2, w.config.rssSamples, w.config.settleMs);
   });
 }
 
-/** Peak RSS during slowloris plus a long line, on a fresh process (smtp521 with --timeout). */
-async function hostilePhase(where: Where) {
-  const { pool, config } = where;
-  const timeoutS = where.impl === "smtp521" ? config.timeoutS : undefined;
-  return await withServer(where, "hostile", async (server) => {
-    await measureRate(pool, server, 8, 1, config.warmMs, config.leadMs);
-    await sleep(config.settleMs);
-    return await measureHostile(pool, server, config);
-  }, timeoutS);
+/** Peak RSS under slowloris plus a long line, on a server that has served a second of sessions. */
+function hostilePhase(w: Where) {
+  const args = serverFile("smtp521", w.product, ["--timeout", String(w.config.timeoutS)]);
+  return withServer(w, "smtp521-hostile", args, async (server) => {
+    await measureRate(w.pool, server, 8, 2 * w.config.warmMs);
+    await sleep(w.config.settleMs);
+    return await measureHostile(w.pool, server, w.config.slowloris, w.config, w.config.rssSamples);
+  });
 }
 
-async function measure(where: Where, repeat: number): Promise<Sample> {
-  const rates = await ratePhase(where);
-  // The control tells how far the speed figures move between two runs of one file, the floor what SPEC's
-  // per-session work costs in speed: neither question is about memory.
-  const held = where.impl === "control" || where.impl === "floor" ? null : await memoryPhase(where);
-  // The native responders are only compared on rate and memory (issue 7, item 5).
-  const hostile = where.impl === "baseline" || where.impl === "smtp521" ? await hostilePhase(where) : null;
-  const failures = Object.values(rates).reduce((sum, r) => sum + r.failures, 0);
-  progress(
-    `${where.runtime} ${where.impl} #${repeat + 1}: ${
-      Object.entries(rates).map(([c, r]) => `${r.sessionsPerS.toFixed(0)}/s@${c}`).join(" ")
-    }` +
-      (held ? `, ${(marginal(held) / 1024).toFixed(2)} KB/conn` : "") +
-      (hostile ? `, hostile +${((hostile.peak - hostile.idle) / MB).toFixed(1)} MB` : "") +
-      (failures ? `, ${failures} failed sessions` : ""),
-  );
-  return { runtime: where.runtime, impl: where.impl, repeat, rates, held, hostile };
+/** CPU per session of EHLO, MAIL, 100 lines of one shape and QUIT, pipelined, in rcpt mode; shapes interleaved. */
+function linesPhase(w: Where): Promise<Line[]> {
+  const args = serverFile("smtp521", w.product, ["--mode", "rcpt", "--max-commands", "1000"]);
+  const script = (line: string): Script => ({
+    greeting: "220 ",
+    send: `EHLO x\r\nMAIL FROM:<>\r\n${`${line}\r\n`.repeat(100)}QUIT\r\n`,
+    closing: "221 ",
+  });
+  return withServer(w, "smtp521-lines", args, async (server) => {
+    const cpu: number[][] = SHAPES.map(() => []);
+    await measureRate(w.pool, server, 4, w.config.rateWarmMs, script(SHAPES[1][1]));
+    for (let round = 0; round < w.config.lineRounds; round++) {
+      const order = SHAPES.map((_, i) => i);
+      for (const i of round % 2 ? order.reverse() : order) {
+        const rate = await measureRate(w.pool, server, 4, w.config.lineWindowMs, script(SHAPES[i][1]));
+        if (rate.failures || !rate.sessionsPerS) throw new Error(`lines: ${SHAPES[i][0]}: ${rate.failures} failed`);
+        cpu[i].push((1e6 * rate.serverCpu) / rate.sessionsPerS);
+      }
+    }
+    return SHAPES.map(([name, line], i) => ({ name, octets: line.length + 2, cpu: cpu[i] }));
+  });
 }
 
-/** `--version` of each runtime, as the report states them. */
-function versions(runtimes: readonly Runtime[]): Record<string, string> {
-  const result: Record<string, string> = {};
-  for (const runtime of runtimes) {
-    const [program] = command(runtime);
-    const text = execFileSync(program, ["--version"], { encoding: "utf8", timeout: 10_000 }).trim().split("\n")[0];
-    const version = /\d+\.\d+\.\d+/.exec(text)?.[0] ?? text;
-    result[runtime] = `${{ node: "Node", deno: "Deno", bun: "Bun" }[runtime]} ${version}`;
+/** Per flag variant: start-up to the start line, idle RSS, RSS after serving 16 clients and with connections held. */
+async function smallPhase(w: Where): Promise<Small[]> {
+  const result: Small[] = [];
+  const args = serverFile("smtp521", w.product);
+  for (const flags of VARIANTS[w.runtime]) {
+    const startMs: number[] = [];
+    for (let i = 1; i < w.config.starts; i++) {
+      startMs.push(await withServer(w, "smtp521-small", args, (s) => Promise.resolve(s.startMs), flags));
+    }
+    result.push(
+      await withServer(w, "smtp521-small", args, async (server) => {
+        startMs.push(server.startMs);
+        await sleep(w.config.settleMs);
+        const idle = await settledRss(server.pid, w.config.rssSamples);
+        const rate = await measureRate(w.pool, server, 16, w.config.rateMs);
+        await sleep(w.config.settleMs);
+        const served = await settledRss(server.pid, w.config.rssSamples);
+        const held = await measureHeld(w.pool, server, w.config.smallHold, 1, w.config.rssSamples, w.config.settleMs);
+        return { flags, startMs, idle, served, held: held.steps[0].rss, rate };
+      }, flags),
+    );
   }
-  result["load generator"] = `bench/client.ts on ${join("node_modules", ".bin", "node")} (Node ${
-    execFileSync(join(BIN, "node"), ["--version"], { encoding: "utf8" }).trim().replace(/^v/, "")
-  })`;
   return result;
 }
 
-/**
- * The report as `deno fmt` (the project's deno.json, lines of 120) would write
- * it: bench/RESULTS.md is under `deno fmt --check` in CI. Unformatted if the
- * formatter cannot run; the figures matter more than the wrapping.
- */
-function formatted(text: string): string {
-  try {
-    return execFileSync(join(BIN, "deno"), ["fmt", "--ext", "md", "-"], {
-      cwd: ROOT,
-      input: text,
-      encoding: "utf8",
-      timeout: 30_000,
-    });
-  } catch (error) {
-    progress(`deno fmt failed (${(error as Error).message.split("\n")[0]}); RESULTS.md left unwrapped`);
-    return text;
-  }
-}
+const sha = (file: string) => createHash("sha256").update(readFileSync(file)).digest("hex").slice(0, 12);
 
-/** The measured file's content, for telling whether it changed during the run. */
-const contentSha = (file: string) => createHash("sha256").update(readFileSync(file)).digest("hex").slice(0, 12);
-
-/** Which smtp521 was measured: the commit, whether the working copy differs from it, and its content hash. */
 function describeProduct(file: string): string {
-  const sha = `sha256 ${contentSha(file)}`;
-  if (file !== FILES.smtp521) return `${file} (--product), ${sha}`;
-  try {
-    const commit = execFileSync("git", ["rev-parse", "--short", "HEAD"], { cwd: ROOT, encoding: "utf8" }).trim();
-    const dirty = execFileSync("git", ["status", "--porcelain", "smtp521.ts"], { cwd: ROOT, encoding: "utf8" }).trim();
-    return `smtp521.ts at ${commit}${dirty ? " with uncommitted changes" : ""}, ${sha}`;
-  } catch {
-    return `smtp521.ts (no git), ${sha}`;
-  }
+  if (file !== PRODUCT) return `${file} (--product), sha256 ${sha(file)}`;
+  const git = (...args: string[]) => execFileSync("git", args, { cwd: ROOT, encoding: "utf8" }).trim();
+  const dirty = git("status", "--porcelain", "smtp521.ts") ? " with uncommitted changes" : "";
+  return `smtp521.ts at ${git("rev-parse", "--short", "HEAD")}${dirty}, sha256 ${sha(file)}`;
 }
 
-function settings(config: Config): string {
-  return [
-    `${config.repeats} repeats, servers one at a time, interleaved (baseline, floor, smtp521, control in one ` +
-    `repeat; control, smtp521, floor, baseline in the next; the control is the baseline's file again, the floor ` +
-    `bench/floor.ts, both rate phase only)`,
-    `rate: a ${config.rateWarmMs / 1000} s warm-up at 16 clients, then at each concurrency ${
-      config.warmMs / 1000
-    } s unmeasured and ${config.rateMs / 1000} s measured, ` +
-    `clients over ${config.processes} Node processes (1 for 1 client)`,
-    `session = connect, read the 521 greeting, send QUIT, read the 221, close on the server's FIN; ` +
-    `greeting latency from connect() to the whole greeting line`,
-    `memory: fresh process, no warm-up, median of 5 VmRSS samples idle, with ${config.hold} and with ${
-      2 * config.hold
-    } ` +
-    `idle connections held; per connection: the RSS from ${config.hold} to ${2 * config.hold} held / ${config.hold}`,
-    `hostile: fresh process (smtp521 --timeout ${config.timeoutS}) warmed up by ${
-      config.warmMs / 1000
-    } s of sessions ` +
-    `(a server that has served), then ${config.slowloris} slowloris clients ` +
-    `(a byte every ${config.dripMs} ms, no newline, closed by the client after ${config.lifeMs / 1000} s) ` +
-    `plus one ${config.lineBytes / MB} MB line with no newline; VmRSS sampled every ${config.sampleMs} ms`,
-    `smtp521: \`${["<runtime>", "smtp521.ts", ...serverArgs("smtp521")].join(" ")}\`, stderr (text logs) to a file`,
-  ].join("; ");
-}
-
-interface Cli {
-  config: Config;
-  smoke: boolean;
-  /** RESULTS.md goes here; raw results and logs too, or under bench/out for the full run. */
-  resultsFile: string;
-  outDir: string;
-  runtimes: readonly Runtime[];
-  product: string;
-  /** `--impls baseline,smtp521`: measure only these servers (the report needs the baseline). */
-  impls: readonly Impl[];
-}
-
-function cli(args: string[]): Cli {
-  const { values } = parseArgs({
+function cli(args: string[]) {
+  const { values: v } = parseArgs({
     args,
-    options: {
-      smoke: { type: "boolean", default: false },
-      out: { type: "string" },
-      repeats: { type: "string" },
-      runtimes: { type: "string" },
-      product: { type: "string" },
-      impls: { type: "string" },
-      processes: { type: "string" },
-    },
+    options: Object.fromEntries(
+      ["out", "repeats", "runtimes", "phases", "product", "concurrencies", "rated"].map((k) => [k, { type: "string" }])
+        .concat(["smoke", "no-pin"].map((k) => [k, { type: "boolean" }])),
+    ) as Record<string, { type: "string" | "boolean" }>,
   });
-  const config = { ...(values.smoke ? SMOKE : FULL) };
-  if (values.repeats) config.repeats = Number(values.repeats);
-  if (values.processes) config.processes = Number(values.processes);
-  const outDir = values.out
-    ? resolve(values.out)
-    : values.smoke
-    ? mkdtempSync(join(tmpdir(), "smtp521-bench-"))
-    : join(ROOT, "bench", "out");
-  const resultsFile = values.out || values.smoke ? join(outDir, "RESULTS.md") : join(ROOT, "bench", "RESULTS.md");
-  // The smoke run's tiny figures must never replace the real ones.
-  if (values.smoke && resultsFile === join(ROOT, "bench", "RESULTS.md")) {
-    throw new Error("--smoke never writes bench/RESULTS.md");
-  }
-  const runtimes = values.runtimes ? RUNTIMES.filter((r) => values.runtimes!.split(",").includes(r)) : RUNTIMES;
-  const product = values.product ? resolve(values.product) : FILES.smtp521;
-  const impls = values.impls ? IMPLS.filter((i) => values.impls!.split(",").includes(i)) : IMPLS;
-  return { config, smoke: values.smoke, resultsFile, outDir, runtimes, product, impls };
+  const text = (key: string) => v[key] as string | undefined;
+  const config = { ...(v.smoke ? SMOKE : FULL) };
+  if (text("repeats")) config.repeats = Number(text("repeats"));
+  if (text("concurrencies")) config.concurrencies = text("concurrencies")!.split(",").map(Number);
+  const out = text("out") ? resolve(text("out")!) : v.smoke ? mkdtempSync(join(tmpdir(), "smtp521-bench-")) : null;
+  const pick = <T extends string>(all: readonly T[], list = all.join(",")) =>
+    list.split(",").filter((x): x is T => all.includes(x as T));
+  return {
+    config,
+    smoke: Boolean(v.smoke),
+    // The smoke run's tiny figures never replace the real ones.
+    resultsFile: out ? join(out, "RESULTS.md") : join(ROOT, "bench", "RESULTS.md"),
+    outDir: out ?? join(ROOT, "bench", "out"),
+    runtimes: pick(RUNTIMES, text("runtimes")),
+    phases: pick(PHASES, text("phases")),
+    rated: pick(IMPLS, text("rated") ?? "floor,smtp521,control"),
+    product: text("product") ? resolve(text("product")!) : PRODUCT,
+    pin: !v["no-pin"],
+  };
 }
 
 export async function main(args: string[]): Promise<number> {
-  const { config, smoke, resultsFile, outDir, runtimes, product, impls } = cli(args);
+  const { config, smoke, resultsFile, outDir, runtimes, phases, rated, product, pin } = cli(args);
   const logs = join(outDir, "logs");
   mkdirSync(logs, { recursive: true });
-  // The product may be edited while the bench runs: say so rather than mix two versions silently.
-  // (Only its content counts: commits that leave smtp521.ts alone may land meanwhile.)
+  const loadBefore = loadavg()[0];
   const productBefore = describeProduct(product);
-  const shaBefore = contentSha(product);
-  const pool = startPool(config.processes + 1);
+  const pool = startPool(config.processes, pin);
+  if (pin && !pool.pinned) progress("could not pin (taskset, 2 CPUs): servers and load generator share the cores");
   const samples: Sample[] = [];
+  const lines: Partial<Record<Runtime, Line[]>> = {};
+  const small: Partial<Record<Runtime, Small[]>> = {};
   try {
     for (let repeat = 0; repeat < config.repeats; repeat++) {
       for (const runtime of runtimes) {
-        for (const impl of implsFor(runtime, repeat, impls)) {
-          samples.push(await measure({ runtime, impl, logs, pool, config, product }, repeat));
+        const w = { runtime, logs, pool, config, product };
+        const mine = IMPLS.map((impl): Sample => ({ runtime, impl, repeat, rates: {}, held: null, hostile: null }));
+        samples.push(...mine);
+        const sample = (impl: Impl) => mine[IMPLS.indexOf(impl)];
+        // Each pair or row of servers swaps ends every repeat: floor, smtp521, control; control, smtp521, floor.
+        const swap = <T>(list: T[]) => (repeat % 2 ? list.toReversed() : list);
+        if (phases.includes("rate")) { for (const impl of swap(rated)) sample(impl).rates = await ratePhase(w, impl); }
+        if (phases.includes("memory")) {
+          for (const impl of swap<Impl>(["baseline", "smtp521"])) sample(impl).held = await memoryPhase(w, impl);
         }
+        if (phases.includes("hostile")) sample("smtp521").hostile = await hostilePhase(w);
+        progress(`${runtime}, repeat ${repeat + 1} of ${config.repeats}: done`);
       }
+    }
+    for (const runtime of runtimes) {
+      const w = { runtime, logs, pool, config, product };
+      if (phases.includes("lines")) lines[runtime] = await linesPhase(w);
+      if (phases.includes("small")) small[runtime] = await smallPhase(w);
+      progress(`${runtime}: adversarial lines and small hosts done`);
     }
   } finally {
     await pool.close();
   }
-  const context: Context = {
-    title: smoke ? "smtp521 benchmark (SMOKE RUN: tiny counts, figures meaningless)" : "smtp521 benchmark results",
-    generated: `Generated by \`${["node bench/run.ts", ...args].join(" ")}\` (\`npm run bench\` runs it with no ` +
-      `arguments) on ${new Date().toISOString()}.`,
+  const productAfter = describeProduct(product);
+  const versions = Object.fromEntries([...runtimes, "node" as const].map((r) => {
+    const text = execFileSync(command(r)[0], ["--version"], { encoding: "utf8", timeout: 10_000 });
+    return [r, /\d+\.\d+\.\d+/.exec(text)?.[0] ?? text.trim()];
+  }));
+  const context = {
+    smoke,
+    command: ["node bench/run.ts", ...args].join(" "),
+    date: new Date().toISOString(),
     machine: machine(),
-    versions: versions(runtimes),
-    product: contentSha(product) === shaBefore
+    versions,
+    product: productAfter === productBefore
       ? productBefore
-      : `CHANGED DURING THE RUN: ${productBefore}, then ${describeProduct(product)}`,
-    settings: settings(config),
+      : `CHANGED DURING THE RUN: ${productBefore}, then ${productAfter}`,
+    pinned: pool.pinned,
+    load: [loadBefore, loadavg()[0]] as [number, number],
+    wallS: (Date.now() - begun) / 1000,
     runtimes,
-    concurrencies: config.concurrencies,
-    hold: config.hold,
-    processes: config.processes,
-    foreignMax: config.foreignMax,
-    history: existsSync(HISTORY) ? readFileSync(HISTORY, "utf8") : undefined,
+    config,
   };
-  const text = formatted(markdown(samples, context));
-  const verdicts = runtimes.flatMap((runtime) => targets(samples, runtime, config.concurrencies, config.hold));
-  writeFileSync(
-    join(outDir, "results.json"),
-    JSON.stringify({ context, config, name: NAME, verdicts, samples }, null, 1),
-  );
+  const report = markdown(samples, lines, small, context);
+  // As `deno fmt` writes it: bench/ is under `deno fmt --check`.
+  const text = execFileSync(join(BIN, "deno"), ["fmt", "--ext", "md", "-"], {
+    cwd: ROOT,
+    input: report.text,
+    encoding: "utf8",
+  });
+  const json = { context, name: NAME, verdicts: report.verdicts, samples, lines, small };
+  writeFileSync(join(outDir, "results.json"), JSON.stringify(json, null, 1));
   writeFileSync(resultsFile, text);
   process.stdout.write(text);
   progress(`wrote ${resultsFile} and ${join(outDir, "results.json")}`);
