@@ -156,7 +156,9 @@ describe("faults never crash and never leak (in process)", () => {
   });
 });
 
-describe("cross-protocol probes and slow clients (the real file)", () => {
+// The three runtimes at once: these tests wait on time-outs (1-1.5 s each), and each bound
+// below leaves a second or more for a busy machine.
+describe.concurrent("cross-protocol probes and slow clients (the real file)", () => {
   describe.each(Object.keys(RUNTIMES) as Runtime[])("on %s", (runtime) => {
     it("closes on an HTTP request line or a TLS ClientHello without a reply, logged as forbidden", async () => {
       const server = await start(runtime, ["--hostname", NAME]);

@@ -201,6 +201,7 @@ describe.each(["node", "deno"] as const)("stress against the real file on %s", (
         await until(() => sessions() === 200, 20_000, "the warm-up sessions to close");
         const overloads = () => server.log.filter((l) => l.endsWith("end=overload")).length;
         const overloadedBefore = overloads(); // none, unless warm-up sessions lingered past the limit
+        const fdsBefore = descriptors(server.child.pid!); // every warm-up session closed
         // 100 sessions fill --max-connections and stay; then 2000 more connect. Each holder is a
         // session, not an over-limit connection: it gets a reply to a line (those get none).
         const holders = await inBatches(100, 100, async () => {
@@ -213,14 +214,13 @@ describe.each(["node", "deno"] as const)("stress against the real file on %s", (
           return socket;
         });
         expect(overloads()).toBe(overloadedBefore);
-        const fdsBefore = descriptors(server.child.pid!);
         const before = rss(server.child.pid!);
         const begun = Date.now();
         const clients = await inBatches(2000, 250, () => talk(server.port, "", { ms: 15_000 }));
         const ms = Date.now() - begun;
         expect(clients.filter((c) => c.text === greeting(NAME) && c.ending === "fin").length).toBe(2000);
         for (const socket of holders) socket.destroy();
-        // Every socket of the flood and the holders closed: the server holds as many descriptors as before.
+        // Every socket of the flood and the holders closed: the server holds as many descriptors as before them.
         await until(() => descriptors(server.child.pid!) <= fdsBefore, 20_000, "the server to close every socket");
         await settle(server);
         await sleep(500); // a measurement, not a wait for an event: let the runtime return what it freed
