@@ -139,14 +139,6 @@ function speed(samples: readonly Sample[], runtime: Runtime, all: Figure[], c: n
   return { cpu: pair("server CPU µs per session"), rate: pair("sessions/s"), p99: pair("greeting p99 ms") };
 }
 
-export interface Verdicts {
-  runtime: Runtime;
-  cpu: boolean | null;
-  perConn: boolean | null;
-  hostile: boolean | null;
-  lines: boolean | null;
-}
-
 /** The worst adversarial shape against each NOOP, on medians over the rounds. */
 function worstLine(lines: readonly Line[]) {
   const [short, long, ...shapes] = lines.map((l) => ({ ...l, cpu: median(l.cpu) }));
@@ -159,7 +151,7 @@ export function markdown(
   lines: Partial<Record<Runtime, Line[]>>,
   small: Partial<Record<Runtime, Small[]>>,
   context: Context,
-): { text: string; verdicts: Verdicts[] } {
+): string {
   const { config, runtimes } = context;
   const all = figures(config.concurrencies, config.hold);
   const has = (runtime: Runtime, impl: Impl, figure: Figure) => series(samples, runtime, impl, figure).length > 0;
@@ -182,7 +174,6 @@ export function markdown(
     `${config.starts} starts, ${config.smallHold} connections held`,
   ];
 
-  const verdicts: Verdicts[] = [];
   const targetRows = runtimes.map((runtime) => {
     const cpu = config.concurrencies.map((c) => ({ c, ...speed(samples, runtime, all, c).cpu }));
     const perConn = (impl: Impl) =>
@@ -190,14 +181,12 @@ export function markdown(
     const extra = perConn("smtp521") - perConn("baseline");
     const growth = median(series(samples, runtime, "smtp521", all.at(-1)!));
     const line = lines[runtime] && worstLine(lines[runtime]!);
-    const v: Verdicts = {
-      runtime,
+    const v = {
       cpu: cpu.every((r) => Number.isFinite(r.mine)) ? cpu.every((r) => r.mine <= 1.1) : null,
       perConn: Number.isFinite(extra) ? extra <= 2 : null,
       hostile: Number.isFinite(growth) ? growth <= 15 : null,
       lines: line ? line.long <= 2 : null,
     };
-    verdicts.push(v);
     const judged = (pass: boolean | null, text: string) => (pass === null ? "-" : `${verdict(pass)} ${text}`);
     return [
       runtime,
@@ -297,5 +286,5 @@ export function markdown(
       ),
     );
   }
-  return { text: out.join("\n\n") + "\n", verdicts };
+  return out.join("\n\n") + "\n";
 }

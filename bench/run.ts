@@ -5,10 +5,12 @@
 //
 //   npm run bench                # full run (~10 min): bench/RESULTS.md; raw figures and logs in bench/out/
 //   node bench/run.ts --smoke    # tiny counts, under a minute; writes to a temporary directory only
-//   --out DIR  --runtimes node,bun  --phases rate,memory,hostile,lines,small  --repeats N  --concurrencies 1,16
+//   --out DIR  --runtimes node,bun  --phases rate,memory,hostile,lines,small  --repeats N  --processes N
+//   --concurrencies 1,16
 //   --rated baseline,floor,smtp521,control   # the servers of the speed phase, in this order (reversed every repeat)
 //   --product /tmp/patched.ts    # measure another copy of smtp521.ts as "smtp521"
 //   --no-pin                     # servers and load generator share the cores (HISTORY.md, 12)
+//   --from bench/out/results.json  # write RESULTS.md again from a run's raw figures, measuring nothing
 
 import { execFileSync } from "node:child_process";
 import { createHash } from "node:crypto";
@@ -22,7 +24,7 @@ import { BIN, command, IMPLS, machine, measureHeld, measureHostile, measureRate,
 import { RUNTIMES, serverFile, settledRss, startPool, startServer } from "./load.ts";
 import type { Impl, Pool, Runtime, Server } from "./load.ts";
 import { markdown } from "./report.ts";
-import type { Line, Sample, Small } from "./report.ts";
+import type { Context, Line, Sample, Small } from "./report.ts";
 
 const MB = 1024 * 1024;
 
@@ -35,7 +37,7 @@ export const FULL = {
    * concurrency `warmMs` unmeasured and `rateMs` measured. */
   rateWarmMs: 3000,
   warmMs: 500,
-  rateMs: 2500,
+  rateMs: 2000,
   /** Memory: idle connections held per step (two steps); RSS readings per figure; the pause before RSS is read. */
   hold: 5000,
   settleMs: 1000,
@@ -49,7 +51,7 @@ export const FULL = {
   timeoutS: 2,
   /** Adversarial lines: rounds over the shapes, a window per shape and round at 4 clients. */
   lineRounds: 3,
-  lineWindowMs: 400,
+  lineWindowMs: 300,
   /** Small hosts: starts timed per flag variant, connections held. */
   starts: 3,
   smallHold: 1000,
@@ -109,6 +111,8 @@ export const SHAPES: [string, string][] = [
   ],
 ];
 
+type Lines = Partial<Record<Runtime, Line[]>>;
+type Smalls = Partial<Record<Runtime, Small[]>>;
 const PHASES = ["rate", "memory", "hostile", "lines", "small"] as const;
 
 const begun = Date.now();
@@ -232,13 +236,15 @@ function cli(args: string[]) {
   const { values: v } = parseArgs({
     args,
     options: Object.fromEntries(
-      ["out", "repeats", "runtimes", "phases", "product", "concurrencies", "rated"].map((k) => [k, { type: "string" }])
+      ["out", "repeats", "processes", "runtimes", "phases", "product", "concurrencies", "rated"]
+        .map((k) => [k, { type: "string" }])
         .concat(["smoke", "no-pin"].map((k) => [k, { type: "boolean" }])),
     ) as Record<string, { type: "string" | "boolean" }>,
   });
   const text = (key: string) => v[key] as string | undefined;
   const config = { ...(v.smoke ? SMOKE : FULL) };
   if (text("repeats")) config.repeats = Number(text("repeats"));
+  if (text("processes")) config.processes = Number(text("processes"));
   if (text("concurrencies")) config.concurrencies = text("concurrencies")!.split(",").map(Number);
   const out = text("out") ? resolve(text("out")!) : v.smoke ? mkdtempSync(join(tmpdir(), "smtp521-bench-")) : null;
   const pick = <T extends string>(all: readonly T[], list = all.join(",")) =>
@@ -258,6 +264,16 @@ function cli(args: string[]) {
 }
 
 export async function main(args: string[]): Promise<number> {
+  const from = args.indexOf("--from");
+  if (from >= 0) {
+    const raw = JSON.parse(readFileSync(args[from + 1], "utf8"));
+    // A smoke run's figures never replace the real ones.
+    write(
+      raw.context.smoke ? join(resolve(args[from + 1], ".."), "RESULTS.md") : join(ROOT, "bench", "RESULTS.md"),
+      raw,
+    );
+    return 0;
+  }
   const { config, smoke, resultsFile, outDir, runtimes, phases, rated, product, pin } = cli(args);
   const logs = join(outDir, "logs");
   mkdirSync(logs, { recursive: true });
@@ -266,8 +282,8 @@ export async function main(args: string[]): Promise<number> {
   const pool = startPool(config.processes, pin);
   if (pin && !pool.pinned) progress("could not pin (taskset, 2 CPUs): servers and load generator share the cores");
   const samples: Sample[] = [];
-  const lines: Partial<Record<Runtime, Line[]>> = {};
-  const small: Partial<Record<Runtime, Small[]>> = {};
+  const lines: Lines = {};
+  const small: Smalls = {};
   try {
     for (let repeat = 0; repeat < config.repeats; repeat++) {
       for (const runtime of runtimes) {
@@ -299,7 +315,7 @@ export async function main(args: string[]): Promise<number> {
     const text = execFileSync(command(r)[0], ["--version"], { encoding: "utf8", timeout: 10_000 });
     return [r, /\d+\.\d+\.\d+/.exec(text)?.[0] ?? text.trim()];
   }));
-  const context = {
+  const context: Context = {
     smoke,
     command: ["node bench/run.ts", ...args].join(" "),
     date: new Date().toISOString(),
@@ -314,19 +330,22 @@ export async function main(args: string[]): Promise<number> {
     runtimes,
     config,
   };
-  const report = markdown(samples, lines, small, context);
+  writeFileSync(join(outDir, "results.json"), JSON.stringify({ context, name: NAME, samples, lines, small }, null, 1));
+  write(resultsFile, { context, samples, lines, small });
+  return 0;
+}
+
+/** RESULTS.md from the raw figures (`--from bench/out/results.json` writes it again without measuring). */
+function write(file: string, raw: { context: Context; samples: Sample[]; lines: Lines; small: Smalls }): void {
   // As `deno fmt` writes it: bench/ is under `deno fmt --check`.
   const text = execFileSync(join(BIN, "deno"), ["fmt", "--ext", "md", "-"], {
     cwd: ROOT,
-    input: report.text,
+    input: markdown(raw.samples, raw.lines, raw.small, raw.context),
     encoding: "utf8",
   });
-  const json = { context, name: NAME, verdicts: report.verdicts, samples, lines, small };
-  writeFileSync(join(outDir, "results.json"), JSON.stringify(json, null, 1));
-  writeFileSync(resultsFile, text);
+  writeFileSync(file, text);
   process.stdout.write(text);
-  progress(`wrote ${resultsFile} and ${join(outDir, "results.json")}`);
-  return 0;
+  progress(`wrote ${file}`);
 }
 
 if (import.meta.main) {

@@ -10,7 +10,7 @@ import { join } from "node:path";
 import { expect, it } from "vitest";
 import type { Config } from "../bench/run.ts";
 import { SHAPES, VARIANTS } from "../bench/run.ts";
-import { figures, type Line, type Sample, type Small, type Verdicts } from "../bench/report.ts";
+import { figures, type Line, type Sample, type Small } from "../bench/report.ts";
 import { BIN, ROOT, run } from "./helpers.ts";
 
 const RUNTIMES = ["node", "deno", "bun"] as const;
@@ -18,7 +18,6 @@ const RESULTS = join(ROOT, "bench", "RESULTS.md");
 
 interface Output {
   context: { config: Config };
-  verdicts: Verdicts[];
   samples: Sample[];
   lines: Record<string, Line[]>;
   small: Record<string, Small[]>;
@@ -42,7 +41,7 @@ it(
         timeout: 170_000,
       });
       expect(code, stderr).toBe(0);
-      const { context: { config }, verdicts, samples, lines, small } = JSON.parse(
+      const { context: { config }, samples, lines, small } = JSON.parse(
         readFileSync(join(out, "results.json"), "utf8"),
       ) as Output;
 
@@ -85,13 +84,7 @@ it(
         }
       }
 
-      // A verdict for every target on every runtime, in the report and in results.json.
-      expect(verdicts.map((v) => v.runtime)).toEqual([...RUNTIMES]);
-      for (const v of verdicts) {
-        for (const pass of [v.cpu, v.perConn, v.hostile, v.lines]) {
-          expect(typeof pass).toBe("boolean");
-        }
-      }
+      // A verdict for every target on every runtime; the speed figures beside them, with the control's range.
       const markdown = readFileSync(join(out, "RESULTS.md"), "utf8");
       expect(stdout).toBe(markdown);
       for (const runtime of RUNTIMES) {
