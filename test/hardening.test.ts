@@ -119,7 +119,10 @@ describe("the log: a sink that fails or stalls costs counted lines, never the se
   });
 
   it.skipIf(!has("mkfifo"))(
-    unless("counts the lines lost while no one read its log, and tells the next reader", has("mkfifo") ? "" : "no mkfifo"),
+    unless(
+      "counts the lines lost while no one read its log, and tells the next reader",
+      has("mkfifo") ? "" : "no mkfifo",
+    ),
     async () => {
       const dir = mkdtempSync(join(tmpdir(), "smtp521-fifo-"));
       const fifo = join(dir, "log");
@@ -229,10 +232,14 @@ describe.each(["greet", "rcpt"] as const)("the cost of a line in %s mode", (mode
       const long = secondsPerLine(mode, shaped(prefix, fill, suffix, 1000));
       const short = secondsPerLine(mode, shaped(prefix, fill, suffix, 250));
       if (long / noop > worst.ratio) Object.assign(worst, { ratio: long / noop, line: JSON.stringify(prefix + fill) });
-      if (long / short > worst.scale) Object.assign(worst, { scale: long / short, scaled: JSON.stringify(prefix + fill) });
+      if (long / short > worst.scale) {
+        Object.assign(worst, { scale: long / short, scaled: JSON.stringify(prefix + fill) });
+      }
     }
-    console.error(`${mode}: worst ${worst.ratio.toFixed(2)}x a NOOP (${worst.line}...), ` +
-      `worst 1000/250 ${worst.scale.toFixed(2)}x (${worst.scaled}...)`);
+    console.error(
+      `${mode}: worst ${worst.ratio.toFixed(2)}x a NOOP (${worst.line}...), ` +
+        `worst 1000/250 ${worst.scale.toFixed(2)}x (${worst.scaled}...)`,
+    );
     expect(worst.ratio, worst.line).toBeLessThanOrEqual(5);
     expect(worst.scale, worst.scaled).toBeLessThanOrEqual(8);
   });
@@ -259,7 +266,23 @@ describe("address literals: a dotted quad, or IPv6: and an address with no zone 
   });
 
   it("names nothing but a checked name or its own, and never a %, for any recipient domain", () => {
-    const piece = fc.constantFrom("IPv6:", "fe80", "::", ":", "1", "%", "%25", "eth0", ".", "[", "]", "a", "-", "\xe9", " ");
+    const piece = fc.constantFrom(
+      "IPv6:",
+      "fe80",
+      "::",
+      ":",
+      "1",
+      "%",
+      "%25",
+      "eth0",
+      ".",
+      "[",
+      "]",
+      "a",
+      "-",
+      "\xe9",
+      " ",
+    );
     fc.assert(
       fc.property(fc.array(piece, { maxLength: 30 }), fc.boolean(), (pieces, bracketed) => {
         const domain = bracketed ? `[${pieces.join("")}]` : pieces.join("");
@@ -372,7 +395,13 @@ describe.each(ALL)("holding slots, on %s", (runtime) => {
         `${setup} && exec "$0" "$@"`,
       ]);
       try {
-        const sources = ["2001:db8:64::1", "2001:db8:64::2", "2001:db8:64:0:ffff::3", "2001:db8:64::4", "2001:db8:65::1"];
+        const sources = [
+          "2001:db8:64::1",
+          "2001:db8:64::2",
+          "2001:db8:64:0:ffff::3",
+          "2001:db8:64::4",
+          "2001:db8:65::1",
+        ];
         const got = await run("nsenter", [
           `--net=/proc/${server.child.pid}/ns/net`,
           RUNTIMES.node[0],
@@ -524,12 +553,15 @@ describe.each(ALL)("the accept path on %s", (runtime) => {
 // ---------------------------------------------------------------------------
 
 describe("--user", () => {
-  it.each(["--user=", "--user=:", "--user=nobody:", "--user=:nogroup", "--user=a:b:c"])("%s exits 2 naming --user", async (flag) => {
-    const [command, ...args] = RUNTIMES.node;
-    const got = await run(command, [...args, flag, "--port", "0"]);
-    expect(got.code).toBe(2);
-    expect(got.stderr).toMatch(/^smtp521: --user: .*\n$/);
-  });
+  it.each(["--user=", "--user=:", "--user=nobody:", "--user=:nogroup", "--user=a:b:c"])(
+    "%s exits 2 naming --user",
+    async (flag) => {
+      const [command, ...args] = RUNTIMES.node;
+      const got = await run(command, [...args, flag, "--port", "0"]);
+      expect(got.code).toBe(2);
+      expect(got.stderr).toMatch(/^smtp521: --user: .*\n$/);
+    },
+  );
 
   describe.each(["node", "bun"] as const)("on %s", (runtime) => {
     it.skipIf(!isRoot)(unless("drops to numeric ids 65534:65534", isRoot ? "" : "needs root"), async () => {
@@ -547,26 +579,29 @@ describe("--user", () => {
 
 describe.each(ALL)("one session on stdin and stdout (systemd Accept=yes), on %s", (runtime) => {
   const why = has("systemd-socket-activate") ? "" : "no systemd-socket-activate";
-  it.skipIf(why !== "")(unless("greets every client that half-closes right after connecting (10 of 10)", why), async () => {
-    const port = await freePort();
-    const launcher = spawn(
-      "systemd-socket-activate",
-      ["-l", `127.0.0.1:${port}`, "--accept", "--inetd", ...RUNTIMES[runtime], "--stdio", "--hostname", NAME],
-      { stdio: ["ignore", "ignore", "pipe"] },
-    );
-    let log = "";
-    launcher.stderr!.setEncoding("latin1").on("data", (text: string) => (log += text));
-    try {
-      await until(() => log.includes("Listening on"), 15_000, "systemd-socket-activate to listen");
-      let greeted = 0;
-      for (let n = 0; n < 10; n++) {
-        const got = await talk(port, "", { afterGreeting: false, halfClose: true, ms: 10_000 });
-        if (got.text === REFUSE) greeted++;
+  it.skipIf(why !== "")(
+    unless("greets every client that half-closes right after connecting (10 of 10)", why),
+    async () => {
+      const port = await freePort();
+      const launcher = spawn(
+        "systemd-socket-activate",
+        ["-l", `127.0.0.1:${port}`, "--accept", "--inetd", ...RUNTIMES[runtime], "--stdio", "--hostname", NAME],
+        { stdio: ["ignore", "ignore", "pipe"] },
+      );
+      let log = "";
+      launcher.stderr!.setEncoding("latin1").on("data", (text: string) => (log += text));
+      try {
+        await until(() => log.includes("Listening on"), 15_000, "systemd-socket-activate to listen");
+        let greeted = 0;
+        for (let n = 0; n < 10; n++) {
+          const got = await talk(port, "", { afterGreeting: false, halfClose: true, ms: 10_000 });
+          if (got.text === REFUSE) greeted++;
+        }
+        expect(greeted, log).toBe(10);
+      } finally {
+        launcher.kill("SIGTERM");
+        await exited(launcher);
       }
-      expect(greeted, log).toBe(10);
-    } finally {
-      launcher.kill("SIGTERM");
-      await exited(launcher);
-    }
-  });
+    },
+  );
 });
