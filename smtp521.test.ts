@@ -453,7 +453,7 @@ describe.each(["greet", "close", "rcpt"] as const)("properties of the core in %s
   }, 120_000);
 });
 
-describe("session core: over a limit (SPEC §4)", () => {
+describe("session core: over a limit (README \"Under hostile traffic\")", () => {
   it("greets with the 521 and ends at once; later bytes get nothing", () => {
     const s = overloadSession({ mode: "rcpt", name: NAME, maxCommands: 20, rcptCode: 521, domains: null });
     expect(s.greeting).toEqual({ send: REFUSE, lines: 0, end: "overload" });
@@ -461,7 +461,7 @@ describe("session core: over a limit (SPEC §4)", () => {
   });
 });
 
-describe("log lines (SPEC §6)", () => {
+describe("log lines (README \"Logs and signals\")", () => {
   const TIME = /^time=\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z /;
 
   it("text: key=value in order, numbers bare, anything unsafe quoted as JSON", () => {
@@ -703,7 +703,7 @@ describe.each(Object.keys(RUNTIMES) as Runtime[])("the real file on %s", (runtim
 });
 
 // ---------------------------------------------------------------------------
-// Real clients (INTEROP.md).
+// Real clients (README "Which mode": what each does with a 521).
 // ---------------------------------------------------------------------------
 
 /** curl's smtp:// client sending one message to `rcpt`. */
@@ -820,7 +820,7 @@ describe("real clients against rcpt mode", () => {
 });
 
 // ---------------------------------------------------------------------------
-// The command line (SPEC §6).
+// The command line (README "Flags").
 // ---------------------------------------------------------------------------
 
 describe("the command line", () => {

@@ -1,4 +1,4 @@
-// Hostile traffic (SPEC §4): limits, slow and cross-protocol clients, resets
+// Hostile traffic (README "Under hostile traffic"): limits, slow and cross-protocol clients, resets
 // and descriptor exhaustion. In-process tests use `serve()` on Node to see the
 // open-connection count and the timers; the rest run the real file.
 

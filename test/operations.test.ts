@@ -1,4 +1,4 @@
-// Operations (SPEC §5, §6): stdio under inetd-style launchers, systemd socket
+// Operations (README "Deploying", "Logs and signals"): stdio under inetd-style launchers, systemd socket
 // activation, privilege drop, log formats, signals, and the shipped examples,
 // each run for real on this machine.
 

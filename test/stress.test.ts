@@ -1,4 +1,4 @@
-// Stress (SPEC §4) against the real file on Node 24 and Deno: slowloris, a
+// Stress (README "Under hostile traffic") against the real file on Node 24 and Deno: slowloris, a
 // 100 MB line, a reset storm, pipeliners that never read, and a flood over
 // --max-connections. Bounded: at most about 30 s a runtime, 127.0.0.1 only.
 // The figures go to stderr for the issue notes; the assertions are the
@@ -151,7 +151,7 @@ describe.each(["node", "deno"] as const)("stress against the real file on %s", (
       const readBefore = bytesRead(server.child.pid!);
       const line = await longLine(server.port, 100 * MB);
       expect(line.text).toBe(greeting(NAME).repeat(2)); // greeting, then one 521 for the overlong line
-      // SPEC §4 lingers 2 s reading, but discards at most 64 KB of a flood. Read in all: the chunk with the
+      // The server lingers 2 s reading, but discards at most 64 KB of a flood. Read in all: the chunk with the
       // overlong line (64 KB), the 64 KB discarded, the chunk that crosses it and what node:net reads ahead
       // into its buffer (64 KB); unbounded, it was 5-23 MB. rchar counts read(2), which Node uses for
       // sockets; Deno uses recv(2), which rchar does not count, so there its RSS bound is the check.
