@@ -604,7 +604,7 @@ function converse(
   conduit: Conduit,
   session: Session,
   clock: Deadlines,
-  ended: (c: Conversation) => void,
+  ended: (conversation: Conversation) => void,
 ) {
   const conversation: Conversation = {
     conduit,
@@ -743,7 +743,7 @@ function denoConnection(conn: DenoConn): Connection {
   let queued = 0;
   let paused = false;
   let wake: (() => void) | null = null;
-  let [gone, ended, eof] = [false, false, false]; // closed; our side ended; the client's side ended
+  let [gone, ourEnd, theirEnd] = [false, false, false]; // destroyed; our side ended; the client's
   const destroy = () => {
     if (gone) return;
     gone = true;
@@ -758,7 +758,7 @@ function denoConnection(conn: DenoConn): Connection {
     destroy();
   };
   // Both sides ended and everything written: nothing is left to linger for.
-  const closeIfDone = () => ended && eof && writes.then(destroy);
+  const closeIfDone = () => ourEnd && theirEnd && writes.then(destroy);
   const send = (text: string) => {
     const bytes = Buffer.from(text, "latin1");
     queued += bytes.length;
@@ -770,7 +770,7 @@ function denoConnection(conn: DenoConn): Connection {
   };
   const end = (last?: string, done?: () => void) => {
     if (last) send(last);
-    ended = true;
+    ourEnd = true;
     writes = writes.then(() => conn.closeWrite()).then(done, failed);
     closeIfDone();
   };
@@ -785,7 +785,7 @@ function denoConnection(conn: DenoConn): Connection {
       const n = paused || gone ? 0 : await conn.read(buffer).catch(() => undefined);
       if (n === undefined) return failed();
       if (n === null) {
-        eof = true;
+        theirEnd = true;
         events.emit("end");
         return closeIfDone();
       }
@@ -1192,8 +1192,8 @@ function count(flag: string, value: string, min: number, max: number): number | 
 }
 
 function seconds(flag: string, value: string): number | UsageError {
-  const s = /^\d+(\.\d+)?$/.test(value) ? Number(value) : NaN;
-  if (s >= 0.1 && s <= 86_400) return Math.round(s * 1000);
+  const n = /^\d+(\.\d+)?$/.test(value) ? Number(value) : NaN;
+  if (n >= 0.1 && n <= 86_400) return Math.round(n * 1000);
   return { error: `--${flag}: "${value}" must be seconds from 0.1 to 86400` };
 }
 
