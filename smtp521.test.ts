@@ -453,7 +453,7 @@ describe.each(["greet", "close", "rcpt"] as const)("properties of the core in %s
   }, 120_000);
 });
 
-describe("session core: over a limit (README \"Under hostile traffic\")", () => {
+describe('session core: over a limit (README "Under hostile traffic")', () => {
   it("greets with the 521 and ends at once; later bytes get nothing", () => {
     const s = overloadSession({ mode: "rcpt", name: NAME, maxCommands: 20, rcptCode: 521, domains: null });
     expect(s.greeting).toEqual({ send: REFUSE, lines: 0, end: "overload" });
@@ -461,7 +461,7 @@ describe("session core: over a limit (README \"Under hostile traffic\")", () => 
   });
 });
 
-describe("log lines (README \"Logs and signals\")", () => {
+describe('log lines (README "Logs and signals")', () => {
   const TIME = /^time=\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z /;
 
   it("text: key=value in order, numbers bare, anything unsafe quoted as JSON", () => {
