@@ -50,14 +50,23 @@ const REFUSE = `521 ${NAME} does not accept mail\r\n`;
 const CLOSING = `221 ${NAME} closing connection\r\n`;
 
 function session(overrides: Partial<SessionConfig> = {}) {
-  return createSession({ mode: "greet", name: NAME, maxCommands: 20, rcptCode: 521, domains: null, ...overrides });
+  return createSession({
+    mode: "greet",
+    name: NAME,
+    maxCommands: 20,
+    rcptCode: 521,
+    domains: null,
+    ...overrides,
+  });
 }
 
 const bytes = (text: string) => new TextEncoder().encode(text);
 
 /** Feed chunks in order; collect everything sent, the lines taken and the end. */
 function feed(s: ReturnType<typeof session>, ...chunks: (string | Uint8Array)[]) {
-  const steps: Step[] = chunks.map((chunk) => receive(s, typeof chunk === "string" ? bytes(chunk) : chunk));
+  const steps: Step[] = chunks.map((chunk) =>
+    receive(s, typeof chunk === "string" ? bytes(chunk) : chunk)
+  );
   return {
     send: steps.map((step) => step.send).join(""),
     lines: steps.reduce((n, step) => n + step.lines, 0),
@@ -72,7 +81,13 @@ describe("session core: greet mode (RFC 1846 §4.2 b)", () => {
   });
 
   it("answers every line with the 521, with CRLF or bare LF", () => {
-    const got = feed(session(), "EHLO client.example\r\n", "MAIL FROM:<a@b.example>\n", "\r\n", "NOOP\n");
+    const got = feed(
+      session(),
+      "EHLO client.example\r\n",
+      "MAIL FROM:<a@b.example>\n",
+      "\r\n",
+      "NOOP\n",
+    );
     expect(got).toMatchObject({ send: REFUSE.repeat(4), lines: 4, end: null });
   });
 
@@ -92,22 +107,36 @@ describe("session core: greet mode (RFC 1846 §4.2 b)", () => {
     expect(feed(session(), `${line}\r\n`)).toMatchObject({ send: CLOSING, lines: 1, end: "quit" });
   });
 
-  it.each(["QUITX", "QU\0IT", " QUIT", "QUIT now", "QUIT\r"])("takes %j for a command other than QUIT", (line) => {
-    expect(feed(session(), `${line}\r\n`)).toMatchObject({ send: REFUSE, lines: 1, end: null });
-  });
+  it.each(["QUITX", "QU\0IT", " QUIT", "QUIT now", "QUIT\r"])(
+    "takes %j for a command other than QUIT",
+    (line) => {
+      expect(feed(session(), `${line}\r\n`)).toMatchObject({ send: REFUSE, lines: 1, end: null });
+    },
+  );
 
   it("ignores every byte after QUIT", () => {
     const s = session();
-    expect(feed(s, "QUIT\r\nNOOP\r\nNOOP\r\n")).toMatchObject({ send: CLOSING, lines: 1, end: "quit" });
+    expect(feed(s, "QUIT\r\nNOOP\r\nNOOP\r\n")).toMatchObject({
+      send: CLOSING,
+      lines: 1,
+      end: "quit",
+    });
     expect(feed(s, "NOOP\r\n", "QUIT\r\n")).toMatchObject({ send: "", lines: 0, end: null });
   });
 
   it("accepts a line of exactly 1000 octets with its CRLF", () => {
-    expect(feed(session(), "N".repeat(MAX_LINE - 2) + "\r\n")).toMatchObject({ send: REFUSE, lines: 1, end: null });
+    expect(feed(session(), "N".repeat(MAX_LINE - 2) + "\r\n")).toMatchObject({
+      send: REFUSE,
+      lines: 1,
+      end: null,
+    });
   });
 
   it("answers a line of 1001 octets once and closes, in one chunk or split", () => {
-    expect(feed(session(), "N".repeat(MAX_LINE - 1) + "\r\n")).toMatchObject({ send: REFUSE, end: "too-long" });
+    expect(feed(session(), "N".repeat(MAX_LINE - 1) + "\r\n")).toMatchObject({
+      send: REFUSE,
+      end: "too-long",
+    });
     const s = session();
     expect(feed(s, "N".repeat(MAX_LINE - 1))).toMatchObject({ send: "", end: null });
     expect(feed(s, "N")).toMatchObject({ send: REFUSE, lines: 0, end: "too-long" });
@@ -128,7 +157,10 @@ describe("session core: greet mode (RFC 1846 §4.2 b)", () => {
   });
 
   it("lets QUIT win over the command limit", () => {
-    expect(feed(session({ maxCommands: 1 }), "QUIT\r\n")).toMatchObject({ send: CLOSING, end: "quit" });
+    expect(feed(session({ maxCommands: 1 }), "QUIT\r\n")).toMatchObject({
+      send: CLOSING,
+      end: "quit",
+    });
   });
 
   it.each([
@@ -141,12 +173,27 @@ describe("session core: greet mode (RFC 1846 §4.2 b)", () => {
   });
 
   it("closes without a reply on a TLS ClientHello", () => {
-    const hello = new Uint8Array([0x16, 0x03, 0x01, 0x00, 0xa5, 0x01, 0x00, 0x00, 0xa1, 0x03, 0x03]);
+    const hello = new Uint8Array([
+      0x16,
+      0x03,
+      0x01,
+      0x00,
+      0xa5,
+      0x01,
+      0x00,
+      0x00,
+      0xa1,
+      0x03,
+      0x03,
+    ]);
     expect(feed(session(), hello)).toMatchObject({ send: "", lines: 0, end: "forbidden" });
   });
 
   it("treats an HTTP-looking line after the first as an ordinary line", () => {
-    expect(feed(session(), "NOOP\r\nGET / HTTP/1.1\r\n")).toMatchObject({ send: REFUSE.repeat(2), end: null });
+    expect(feed(session(), "NOOP\r\nGET / HTTP/1.1\r\n")).toMatchObject({
+      send: REFUSE.repeat(2),
+      end: null,
+    });
   });
 });
 
@@ -168,7 +215,11 @@ describe("session core: rcpt mode (RFC 1846 §3)", () => {
 
   it("greets 220 and takes HELO/EHLO with a single-line 250 (no extensions)", () => {
     const s = rcpt();
-    expect(s.greeting).toEqual({ send: `220 ${NAME} ESMTP refuses all mail\r\n`, lines: 0, end: null });
+    expect(s.greeting).toEqual({
+      send: `220 ${NAME} ESMTP refuses all mail\r\n`,
+      lines: 0,
+      end: null,
+    });
     expect(dialog(s, "EHLO client.example", "HELO client.example", "EHLO", "helo")).toEqual([
       HELLO,
       HELLO,
@@ -188,7 +239,12 @@ describe("session core: rcpt mode (RFC 1846 §3)", () => {
         "RCPT TO:<v@y.example> NOTIFY=NEVER",
       ),
     )
-      .toEqual([HELLO, OK, "521 x.example does not accept mail\r\n", "521 y.example does not accept mail\r\n"]);
+      .toEqual([
+        HELLO,
+        OK,
+        "521 x.example does not accept mail\r\n",
+        "521 y.example does not accept mail\r\n",
+      ]);
   });
 
   it("answers 556 with --rcpt-code 556 (RFC 7504)", () => {
@@ -217,10 +273,21 @@ describe("session core: rcpt mode (RFC 1846 §3)", () => {
   it("judges a source-routed recipient by its final domain, and address literals as literals", () => {
     const s = rcpt();
     expect(
-      dialog(s, "MAIL FROM:<>", "RCPT TO:<@relay.example,@r2.example:user@Final.Example>", "RCPT TO:<u@[192.0.2.1]>"),
+      dialog(
+        s,
+        "MAIL FROM:<>",
+        "RCPT TO:<@relay.example,@r2.example:user@Final.Example>",
+        "RCPT TO:<u@[192.0.2.1]>",
+      ),
     )
-      .toEqual([OK, "521 final.example does not accept mail\r\n", "521 [192.0.2.1] does not accept mail\r\n"]);
-    expect(dialog(s, "RCPT TO:<u@[IPv6:2001:DB8::1]>")).toEqual(["521 [IPv6:2001:db8::1] does not accept mail\r\n"]);
+      .toEqual([
+        OK,
+        "521 final.example does not accept mail\r\n",
+        "521 [192.0.2.1] does not accept mail\r\n",
+      ]);
+    expect(dialog(s, "RCPT TO:<u@[IPv6:2001:DB8::1]>")).toEqual([
+      "521 [IPv6:2001:db8::1] does not accept mail\r\n",
+    ]);
   });
 
   it("refuses listed domains with 521 and all others with 550: never an open relay", () => {
@@ -249,7 +316,15 @@ describe("session core: rcpt mode (RFC 1846 §3)", () => {
 
   it("checks the order of commands: 503 for RCPT and DATA before MAIL, and for a second MAIL", () => {
     const s = rcpt();
-    expect(dialog(s, "RCPT TO:<u@x.example>", "DATA", "MAIL FROM:<a@b.example>", "MAIL FROM:<a@b.example>")).toEqual([
+    expect(
+      dialog(
+        s,
+        "RCPT TO:<u@x.example>",
+        "DATA",
+        "MAIL FROM:<a@b.example>",
+        "MAIL FROM:<a@b.example>",
+      ),
+    ).toEqual([
       "503 bad sequence of commands\r\n",
       "503 bad sequence of commands\r\n",
       OK,
@@ -277,7 +352,11 @@ describe("session core: rcpt mode (RFC 1846 §3)", () => {
       OK,
       "503 bad sequence of commands\r\n",
     ]);
-    expect(dialog(s, "MAIL FROM:<>", "EHLO c", "DATA")).toEqual([OK, HELLO, "503 bad sequence of commands\r\n"]);
+    expect(dialog(s, "MAIL FROM:<>", "EHLO c", "DATA")).toEqual([
+      OK,
+      HELLO,
+      "503 bad sequence of commands\r\n",
+    ]);
   });
 
   it.each([
@@ -290,10 +369,14 @@ describe("session core: rcpt mode (RFC 1846 §3)", () => {
     expect(dialog(rcpt(), line)).toEqual(["501 syntax error in parameters or arguments\r\n"]);
   });
 
-  it.each([["RCPT TO:u@x.example"], ["RCPT FROM:<u@x.example>"], ["RCPT TO:<>"], ["RCPT TO:<@relay.example>"], [
+  it.each([["RCPT TO:u@x.example"], ["RCPT FROM:<u@x.example>"], ["RCPT TO:<>"], [
+    "RCPT TO:<@relay.example>",
+  ], [
     "RCPT TO:<nobody>",
   ], ["RCPT TO:<u@é.example>"]])("answers a malformed %j after MAIL with 501", (line) => {
-    expect(dialog(rcpt(), "MAIL FROM:<>", line)[1]).toBe("501 syntax error in parameters or arguments\r\n");
+    expect(dialog(rcpt(), "MAIL FROM:<>", line)[1]).toBe(
+      "501 syntax error in parameters or arguments\r\n",
+    );
   });
 
   it("answers RSET and NOOP with 250, and QUIT with 221 and the end", () => {
@@ -333,7 +416,10 @@ describe("session core: rcpt mode (RFC 1846 §3)", () => {
 
   it("counts every line against --max-commands", () => {
     expect(
-      feed(rcpt({ maxCommands: 3 }), "EHLO c\r\nMAIL FROM:<>\r\nRCPT TO:<u@x.example>\r\nRCPT TO:<v@x.example>\r\n"),
+      feed(
+        rcpt({ maxCommands: 3 }),
+        "EHLO c\r\nMAIL FROM:<>\r\nRCPT TO:<u@x.example>\r\nRCPT TO:<v@x.example>\r\n",
+      ),
     )
       .toMatchObject({ lines: 3, end: "limit" });
   });
@@ -349,7 +435,9 @@ describe("session core: rcpt mode (RFC 1846 §3)", () => {
  */
 const PROPERTY_RUNS = Number(process.env.SMTP521_PROPERTY_RUNS || 10_000);
 if (!Number.isSafeInteger(PROPERTY_RUNS) || PROPERTY_RUNS < 1) {
-  throw new Error(`SMTP521_PROPERTY_RUNS must be a positive whole number, not ${process.env.SMTP521_PROPERTY_RUNS}`);
+  throw new Error(
+    `SMTP521_PROPERTY_RUNS must be a positive whole number, not ${process.env.SMTP521_PROPERTY_RUNS}`,
+  );
 }
 const encoder = new TextEncoder();
 const LINES = [
@@ -376,11 +464,15 @@ const LINES = [
 const token = fc.oneof(
   fc.uint8Array({ maxLength: 40 }),
   fc.constantFrom(...LINES).map((line) => encoder.encode(line)),
-  fc.string({ unit: "binary-ascii", maxLength: 30 }).map((domain) => encoder.encode(`RCPT TO:<u@${domain}>\r\n`)),
+  fc.string({ unit: "binary-ascii", maxLength: 30 }).map((domain) =>
+    encoder.encode(`RCPT TO:<u@${domain}>\r\n`)
+  ),
   fc.integer({ min: MAX_LINE - 12, max: MAX_LINE + 4 }).map((n) => new Uint8Array(n).fill(0x41)),
 );
 const stream = fc.record({
-  input: fc.array(token, { maxLength: 24 }).map((parts) => Uint8Array.from(parts.flatMap((p) => [...p]))),
+  input: fc.array(token, { maxLength: 24 }).map((parts) =>
+    Uint8Array.from(parts.flatMap((p) => [...p]))
+  ),
   cuts: fc.array(fc.nat(), { maxLength: 8 }),
 });
 
@@ -420,7 +512,8 @@ describe.each(["greet", "close", "rcpt"] as const)("properties of the core in %s
           if (step.end) {
             end = step.end;
             // One reply per complete line, give or take the line that ended it.
-            const expected = step.lines + (end === "too-long" ? 1 : end === "forbidden" && step.lines ? -1 : 0);
+            const expected = step.lines +
+              (end === "too-long" ? 1 : end === "forbidden" && step.lines ? -1 : 0);
             assert.equal(sent.length, expected);
             assert.ok(lines >= lfsBeforeEnd);
             assert.ok(lines <= lfs);
@@ -438,14 +531,20 @@ describe.each(["greet", "close", "rcpt"] as const)("properties of the core in %s
         for (const reply of replies) {
           if (table.has(reply)) continue;
           const domain = /^(?:521|556) (\S+) does not accept mail\r\n$/.exec(reply)?.[1];
-          assert.ok(mode === "rcpt" && domain !== undefined, `reply not in the table: ${JSON.stringify(reply)}`);
+          assert.ok(
+            mode === "rcpt" && domain !== undefined,
+            `reply not in the table: ${JSON.stringify(reply)}`,
+          );
           assert.equal(checkedDomain(domain), domain);
           assert.ok(text.includes(domain.toLowerCase()), `${domain} is not from the input`);
         }
         // Cutting differently changes nothing: one chunk gives the same replies and end.
         const whole = session(config);
         const once = receive(whole, input);
-        assert.deepEqual([whole.greeting.send, ...(once.send ? once.send.split(/(?<=\r\n)/) : [])], replies);
+        assert.deepEqual(
+          [whole.greeting.send, ...(once.send ? once.send.split(/(?<=\r\n)/) : [])],
+          replies,
+        );
         assert.equal(whole.greeting.end ?? once.end, end);
       }),
       { numRuns: PROPERTY_RUNS },
@@ -455,7 +554,13 @@ describe.each(["greet", "close", "rcpt"] as const)("properties of the core in %s
 
 describe('session core: over a limit (README "Under hostile traffic")', () => {
   it("greets with the 521 and ends at once; later bytes get nothing", () => {
-    const s = overloadSession({ mode: "rcpt", name: NAME, maxCommands: 20, rcptCode: 521, domains: null });
+    const s = overloadSession({
+      mode: "rcpt",
+      name: NAME,
+      maxCommands: 20,
+      rcptCode: 521,
+      domains: null,
+    });
     expect(s.greeting).toEqual({ send: REFUSE, lines: 0, end: "overload" });
     expect(receive(s, bytes("EHLO a\r\nQUIT\r\n"))).toEqual({ send: "", lines: 0, end: null });
   });
@@ -493,8 +598,12 @@ describe('log lines (README "Logs and signals")', () => {
 
   it("takes the time an event happened, if given, in both formats", () => {
     const at = Date.UTC(2026, 10, 30, 1, 2, 3, 45);
-    expect(formatLine("text", "x", { n: 1 }, at)).toBe("time=2026-11-30T01:02:03.045Z event=x n=1\n");
-    expect(JSON.parse(formatLine("json", "x", {}, at + 1000)).time).toBe("2026-11-30T01:02:04.045Z");
+    expect(formatLine("text", "x", { n: 1 }, at)).toBe(
+      "time=2026-11-30T01:02:03.045Z event=x n=1\n",
+    );
+    expect(JSON.parse(formatLine("json", "x", {}, at + 1000)).time).toBe(
+      "2026-11-30T01:02:04.045Z",
+    );
   });
 
   it("keeps the time current across lines", async () => {
@@ -512,9 +621,12 @@ describe("--domains", () => {
     expect([...list.parents]).toEqual(["b.example"]);
   });
 
-  it.each([["a..b"], ["bad_name.example"], [".[192.0.2.1]"], [","], ["a.example,-x"]])("rejects %j", (text) => {
-    expect(typeof parseDomainList(text)).toBe("string");
-  });
+  it.each([["a..b"], ["bad_name.example"], [".[192.0.2.1]"], [","], ["a.example,-x"]])(
+    "rejects %j",
+    (text) => {
+      expect(typeof parseDomainList(text)).toBe("string");
+    },
+  );
 });
 
 // ---------------------------------------------------------------------------
@@ -533,9 +645,13 @@ describe("options", () => {
   });
 
   it("lower-cases --hostname and accepts address literals", () => {
-    expect(parseOptions(["--hostname", "NTP1.Example.ORG."])).toMatchObject({ hostname: "ntp1.example.org" });
+    expect(parseOptions(["--hostname", "NTP1.Example.ORG."])).toMatchObject({
+      hostname: "ntp1.example.org",
+    });
     expect(parseOptions(["--hostname", "[192.0.2.1]"])).toMatchObject({ hostname: "[192.0.2.1]" });
-    expect(parseOptions(["--hostname", "[IPv6:2001:DB8::1]"])).toMatchObject({ hostname: "[IPv6:2001:db8::1]" });
+    expect(parseOptions(["--hostname", "[IPv6:2001:DB8::1]"])).toMatchObject({
+      hostname: "[IPv6:2001:db8::1]",
+    });
   });
 
   it.each([
@@ -575,7 +691,9 @@ describe.each(Object.keys(RUNTIMES) as Runtime[])("the real file on %s", (runtim
       expect(got.text).toBe(refuse.repeat(6) + "221 ntp1.example.org closing connection\r\n");
       expect(got.ending).toBe("fin");
       const line = await server.waitFor(/event=session /);
-      expect(line).toMatch(/ remote=127\.0\.0\.1:\d+ local_port=\d+ mode=greet duration_ms=\d+ lines=6 end=quit$/);
+      expect(line).toMatch(
+        / remote=127\.0\.0\.1:\d+ local_port=\d+ mode=greet duration_ms=\d+ lines=6 end=quit$/,
+      );
       expect(line).toContain(`local_port=${server.port}`);
     } finally {
       expect(await server.stop()).toBe(0);
@@ -585,10 +703,16 @@ describe.each(Object.keys(RUNTIMES) as Runtime[])("the real file on %s", (runtim
   it("names itself by the local address literal when no FQDN is known: IPv4 and IPv6", async () => {
     const server = await start(runtime);
     try {
-      expect(server.log.find((l) => l.includes("event=start"))).toContain("name_source=local-address");
-      expect((await talk(server.port, "QUIT\r\n")).text).toMatch(/^521 \[127\.0\.0\.1\] does not accept mail\r\n221 /);
+      expect(server.log.find((l) => l.includes("event=start"))).toContain(
+        "name_source=local-address",
+      );
+      expect((await talk(server.port, "QUIT\r\n")).text).toMatch(
+        /^521 \[127\.0\.0\.1\] does not accept mail\r\n221 /,
+      );
       const v6 = await talk(server.port, "QUIT\r\n", { host: "::1" });
-      expect(v6.text).toMatch(/^521 \[IPv6:::1\] does not accept mail\r\n221 \[IPv6:::1\] closing connection\r\n$/);
+      expect(v6.text).toMatch(
+        /^521 \[IPv6:::1\] does not accept mail\r\n221 \[IPv6:::1\] closing connection\r\n$/,
+      );
     } finally {
       await server.stop();
     }
@@ -596,7 +720,10 @@ describe.each(Object.keys(RUNTIMES) as Runtime[])("the real file on %s", (runtim
 
   const noUts = isRoot ? "" : "setting a host name in a new UTS namespace needs root";
   it.skipIf(noUts)(
-    unless("names itself by a fully qualified system host name, where it may read it without a prompt", noUts),
+    unless(
+      "names itself by a fully qualified system host name, where it may read it without a prompt",
+      noUts,
+    ),
     async () => {
       // A private UTS namespace with a fully qualified host name; Deno may read it only with --allow-sys.
       const wrap = ["unshare", "--uts", "sh", "-c", 'hostname Mx.Test.Example && exec "$@"', "sh"];
@@ -605,7 +732,9 @@ describe.each(Object.keys(RUNTIMES) as Runtime[])("the real file on %s", (runtim
         const start_ = server.log.find((l) => l.includes("event=start"))!;
         const expected = runtime === "deno" ? "[127.0.0.1]" : "mx.test.example";
         expect(start_).toContain(
-          runtime === "deno" ? "name_source=local-address" : "name=mx.test.example name_source=system",
+          runtime === "deno"
+            ? "name_source=local-address"
+            : "name=mx.test.example name_source=system",
         );
         expect((await talk(server.port, "QUIT\r\n")).text).toBe(
           greeting(expected) + `221 ${expected} closing connection\r\n`,
@@ -698,7 +827,9 @@ describe.each(Object.keys(RUNTIMES) as Runtime[])("the real file on %s", (runtim
     await talk(server.port, "QUIT\r\n");
     await server.waitFor(/event=session /);
     expect(await server.stop("SIGTERM")).toBe(0);
-    expect(server.log.some((l) => /event=stop signal=SIGTERM sessions=1 quit=1$/.test(l))).toBe(true);
+    expect(server.log.some((l) => /event=stop signal=SIGTERM sessions=1 quit=1$/.test(l))).toBe(
+      true,
+    );
   });
 });
 
@@ -708,7 +839,16 @@ describe.each(Object.keys(RUNTIMES) as Runtime[])("the real file on %s", (runtim
 
 /** curl's smtp:// client sending one message to `rcpt`. */
 function curlSend(port: number, rcpt: string) {
-  const args = ["-sS", `smtp://127.0.0.1:${port}`, "--mail-from", "a@client.example", "--mail-rcpt", rcpt, "-T", "-"];
+  const args = [
+    "-sS",
+    `smtp://127.0.0.1:${port}`,
+    "--mail-from",
+    "a@client.example",
+    "--mail-rcpt",
+    rcpt,
+    "-T",
+    "-",
+  ];
   return run("curl", args, { input: "Subject: hi\r\n\r\nhello\r\n" });
 }
 
@@ -744,9 +884,21 @@ describe("real clients against a 521 greeting", () => {
   it("nodemailer fails with EPROTOCOL and responseCode 521", async () => {
     const server = await start("node", ["--hostname", "ntp1.example.org"]);
     try {
-      const transport = nodemailer.createTransport({ host: "127.0.0.1", port: server.port, secure: false });
-      const sent = transport.sendMail({ from: "a@client.example", to: "b@ntp1.example.org", text: "hello" });
-      await expect(sent).rejects.toMatchObject({ code: "EPROTOCOL", responseCode: 521, command: "CONN" });
+      const transport = nodemailer.createTransport({
+        host: "127.0.0.1",
+        port: server.port,
+        secure: false,
+      });
+      const sent = transport.sendMail({
+        from: "a@client.example",
+        to: "b@ntp1.example.org",
+        text: "hello",
+      });
+      await expect(sent).rejects.toMatchObject({
+        code: "EPROTOCOL",
+        responseCode: 521,
+        command: "CONN",
+      });
     } finally {
       await server.stop();
     }
@@ -806,8 +958,16 @@ describe("real clients against rcpt mode", () => {
   it("nodemailer sending to a listed domain fails with EENVELOPE and the 521", async () => {
     const server = await start("node", ["--mode", "rcpt", "--domains", "ntp1.example"]);
     try {
-      const transport = nodemailer.createTransport({ host: "127.0.0.1", port: server.port, secure: false });
-      const sent = transport.sendMail({ from: "a@client.example", to: "root@ntp1.example", text: "hello" });
+      const transport = nodemailer.createTransport({
+        host: "127.0.0.1",
+        port: server.port,
+        secure: false,
+      });
+      const sent = transport.sendMail({
+        from: "a@client.example",
+        to: "root@ntp1.example",
+        text: "hello",
+      });
       await expect(sent).rejects.toMatchObject({
         code: "EENVELOPE",
         responseCode: 521,
@@ -829,7 +989,9 @@ describe("the command line", () => {
   it("--help and -h exit 0 with the usage on stdout, nothing on stderr", async () => {
     const long = await run(node[0], [FILE, "--help"]);
     expect(long).toMatchObject({ code: 0, stderr: "" });
-    expect(long.stdout).toMatch(/^smtp521 \S+: refuse all mail[^]*\nusage: smtp521\.ts \[flags\]\n/);
+    expect(long.stdout).toMatch(
+      /^smtp521 \S+: refuse all mail[^]*\nusage: smtp521\.ts \[flags\]\n/,
+    );
     expect(await run(node[0], [FILE, "-h"])).toEqual(long);
   });
 
@@ -850,7 +1012,9 @@ describe("the command line", () => {
         expect("error" in parsed ? parsed.error : "", name).not.toMatch(/unknown flag/);
       }
     }
-    expect(parseOptions(["--no-such-flag"])).toEqual({ error: "--no-such-flag: unknown flag; see --help" });
+    expect(parseOptions(["--no-such-flag"])).toEqual({
+      error: "--no-such-flag: unknown flag; see --help",
+    });
   });
 
   it("each default in --help and in the README is the one the server takes", async () => {
@@ -863,14 +1027,20 @@ describe("the command line", () => {
       if ("error" in options) throw new Error(options.error);
       return options as unknown as Record<string, unknown>;
     });
-    const numbers = (text: string) => [...new Set([...text.matchAll(/\b\d+\b/g)].map(Number))].sort((a, b) => a - b);
+    const numbers = (text: string) =>
+      [...new Set([...text.matchAll(/\b\d+\b/g)].map(Number))].sort((a, b) => a - b);
     /** What a flag left out means when it has no value: a phrase both documents must use. */
-    const UNSET: Record<string, RegExp> = { hostname: /FQDN.* local address/, domains: /every domain/, user: /^none$/ };
+    const UNSET: Record<string, RegExp> = {
+      hostname: /FQDN.* local address/,
+      domains: /every domain/,
+      user: /^none$/,
+    };
     let checked = 0;
     for (const [flag, { type }] of parser) {
       const documented = readme.get(flag)!.default.replaceAll("`", "");
       const shortFor = /\bshort for (--[\w-]+)/.exec(help.get(flag)!.text)?.[1];
-      const helped = help.get(flag)!.default || (shortFor ? help.get(shortFor.slice(2))!.default : "");
+      const helped = help.get(flag)!.default ||
+        (shortFor ? help.get(shortFor.slice(2))!.default : "");
       const where = `--${flag}: README "${documented}", --help "${helped}"`;
       const values = taken.map((options) => takenValue(options, flag));
       if (type === "boolean") {
@@ -916,7 +1086,11 @@ describe("the command line", () => {
       for (let i = 0; i < perIp; i++) {
         const socket = connect({ host: "127.0.0.1", port: server.port }).on("error", () => {});
         held.push(socket);
-        await within(new Promise((resolve) => socket.once("data", resolve)), 15_000, `greeting ${i + 1}`);
+        await within(
+          new Promise((resolve) => socket.once("data", resolve)),
+          15_000,
+          `greeting ${i + 1}`,
+        );
       }
       expect(await talk(server.port, "NOOP\r\n", { ms: 15_000 })).toMatchObject({
         text: greeting("ntp1.example.org"),
@@ -940,7 +1114,10 @@ describe("the command line", () => {
   it.each([
     [["--frobnicate"], /^smtp521: --frobnicate: unknown flag; see --help\n$/],
     [["--mode", "bounce"], /^smtp521: --mode: "bounce" is not one of greet, close, rcpt\n$/],
-    [["--hostname", "<script>"], /^smtp521: --hostname: .* is not a domain name or address literal/],
+    [
+      ["--hostname", "<script>"],
+      /^smtp521: --hostname: .* is not a domain name or address literal/,
+    ],
     [["--max-per-ip", "ten"], /^smtp521: --max-per-ip: "ten" must be a whole number/],
   ])("%j exits 2 with one line naming the flag", async (args, message) => {
     const got = await run(node[0], [FILE, ...args]);
@@ -957,24 +1134,41 @@ describe("the command line", () => {
       const got = await run(node[0], [FILE, "--listen", `127.0.0.1:${port}`]);
       expect(got.code).toBe(1);
       expect(got.stderr).toMatch(
-        new RegExp(`^smtp521: cannot listen on 127\\.0\\.0\\.1:${port}: EADDRINUSE; .*--listen\\n$`),
+        new RegExp(
+          `^smtp521: cannot listen on 127\\.0\\.0\\.1:${port}: EADDRINUSE; .*--listen\\n$`,
+        ),
       );
     } finally {
       holder.close();
     }
   });
 
-  const lowestFreePort = Number(readFileSync("/proc/sys/net/ipv4/ip_unprivileged_port_start", "utf8"));
-  const anyoneBinds25 = lowestFreePort <= 25 ? "this kernel lets anyone bind port 25 (ip_unprivileged_port_start)" : "";
+  const lowestFreePort = Number(
+    readFileSync("/proc/sys/net/ipv4/ip_unprivileged_port_start", "utf8"),
+  );
+  const anyoneBinds25 = lowestFreePort <= 25
+    ? "this kernel lets anyone bind port 25 (ip_unprivileged_port_start)"
+    : "";
   it.skipIf(anyoneBinds25)(
-    unless("port 25 without the privilege exits 1 naming root, CAP_NET_BIND_SERVICE and a higher port", anyoneBinds25),
+    unless(
+      "port 25 without the privilege exits 1 naming root, CAP_NET_BIND_SERVICE and a higher port",
+      anyoneBinds25,
+    ),
     async () => {
       // As root, run the file as nobody, from a copy nobody can read: the checkout may be private
       // (a clone in a mode-0700 `mktemp -d` directory). Any other user already lacks the privilege.
       const copy = isRoot ? forAnyUser() : undefined;
       try {
         const [command, args] = copy
-          ? ["setpriv", ["--reuid=65534", "--regid=65534", "--clear-groups", copy.node, copy.file, "--port", "25"]]
+          ? ["setpriv", [
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            copy.node,
+            copy.file,
+            "--port",
+            "25",
+          ]]
           : [node[0], [FILE, "--port", "25"]];
         const got = await run(command, args);
         expect(got.stderr).toMatch(
@@ -998,11 +1192,16 @@ function parserFlags(): Map<string, { type: string; short?: string }> {
   const parse = source.slice(source.indexOf("export function parseOptions("));
   const name = /parseArgs\(\{[^}]*\boptions: (\w+)/.exec(parse)?.[1];
   const at = source.indexOf(`const ${name} = {`);
-  if (!name || at < 0) throw new Error("smtp521.ts: no parseArgs options table found for parseOptions");
+  if (!name || at < 0) {
+    throw new Error("smtp521.ts: no parseArgs options table found for parseOptions");
+  }
   const table = source.slice(at, source.indexOf("\n}", at));
   const flags = new Map<string, { type: string; short?: string }>();
   for (const [, flag, body] of table.matchAll(/^ +"?([\w-]+)"?: \{([^}]*)\}/gm)) {
-    flags.set(flag, { type: /type: "(\w+)"/.exec(body)![1], short: /short: "(\w)"/.exec(body)?.[1] });
+    flags.set(flag, {
+      type: /type: "(\w+)"/.exec(body)![1],
+      short: /short: "(\w)"/.exec(body)?.[1],
+    });
   }
   return flags;
 }
@@ -1030,7 +1229,11 @@ function helpFlags(stdout: string): Map<string, FlagDoc> {
     const text = lines.map((line) => line.trim()).join(" ");
     const value = /\(default:? ([^)]*)\)/.exec(text)?.[1] ?? "";
     const long = names.find((n) => n.startsWith("--"))!.slice(2);
-    flags.set(long, { names: [`--${long}`, ...names.filter((n) => !n.startsWith("--"))], default: value, text });
+    flags.set(long, {
+      names: [`--${long}`, ...names.filter((n) => !n.startsWith("--"))],
+      default: value,
+      text,
+    });
   }
   return flags;
 }
@@ -1046,14 +1249,20 @@ function readmeFlags(): Map<string, FlagDoc> {
     const [, first, value] = row.split(/(?<!\\)\|/).map((cell) => cell.trim());
     const names = [...first.matchAll(/`(--?[\w-]+)/g)].map((m) => m[1]);
     const long = names.find((n) => n.startsWith("--"))!.slice(2);
-    flags.set(long, { names: [`--${long}`, ...names.filter((n) => !n.startsWith("--"))], default: value, text: row });
+    flags.set(long, {
+      names: [`--${long}`, ...names.filter((n) => !n.startsWith("--"))],
+      default: value,
+      text: row,
+    });
   }
   return flags;
 }
 
 /** A flag's value in the server's options: the same name in camelCase, seconds as milliseconds, ports from --listen. */
 function takenValue(options: Record<string, unknown>, flag: string): unknown {
-  if (flag === "listen" || flag === "port") return (options.listen as { port?: number }[]).map((where) => where.port);
+  if (flag === "listen" || flag === "port") {
+    return (options.listen as { port?: number }[]).map((where) => where.port);
+  }
   if (flag === "log") return options.logFormat;
   const key = flag.replace(/-(\w)/g, (_, c: string) => c.toUpperCase());
   if (key in options) return options[key];

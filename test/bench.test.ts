@@ -24,7 +24,9 @@ interface Output {
 }
 
 const positive = (value: number | undefined, what: string) =>
-  expect(value !== undefined && Number.isFinite(value) && value > 0, `${what}: ${value}`).toBe(true);
+  expect(value !== undefined && Number.isFinite(value) && value > 0, `${what}: ${value}`).toBe(
+    true,
+  );
 
 it(
   "bench/run.ts --smoke: a finite positive figure for every server, shape and flag variant on every runtime",
@@ -49,17 +51,22 @@ it(
       for (const sample of samples) {
         const name = `${sample.runtime} ${sample.impl}`;
         const rated = ["floor", "smtp521", "control"].includes(sample.impl);
-        expect(Object.keys(sample.rates).length, name).toBe(rated ? config.concurrencies.length : 0);
+        expect(Object.keys(sample.rates).length, name).toBe(
+          rated ? config.concurrencies.length : 0,
+        );
         expect(sample.held !== null, name).toBe(["baseline", "smtp521"].includes(sample.impl));
         expect(sample.hostile !== null, name).toBe(sample.impl === "smtp521");
         for (const figure of figures(config.concurrencies, config.hold)) {
           const value = figure.get(sample);
           if (value === undefined) continue; // a phase this server does not run
           // Peak minus idle may be zero for a tiny load.
-          if (figure.label.startsWith("hostile: peak")) expect(value >= 0, `${name} ${figure.label}`).toBe(true);
-          else positive(value, `${name} ${figure.label}`);
+          if (figure.label.startsWith("hostile: peak")) {
+            expect(value >= 0, `${name} ${figure.label}`).toBe(true);
+          } else positive(value, `${name} ${figure.label}`);
         }
-        for (const rate of Object.values(sample.rates)) expect(rate.failures, `${name}: failed sessions`).toBe(0);
+        for (const rate of Object.values(sample.rates)) {
+          expect(rate.failures, `${name}: failed sessions`).toBe(0);
+        }
       }
       expect(new Set(samples.map((s) => `${s.runtime} ${s.impl}`)).size).toBe(12);
 
@@ -70,11 +77,18 @@ it(
           /^time=\S+Z event=session remote=127\.0\.0\.1:\d+ local_port=\d+ mode=greet duration_ms=\d+ lines=1 end=quit$/gm,
         );
         const rates = samples.find((s) => s.runtime === runtime && s.impl === "floor")!.rates;
-        const counted = Object.values(rates).reduce((n, r) => n + r.sessionsPerS * config.rateMs / 1000, 0);
-        expect(quits?.length ?? 0, `${runtime} floor session lines`).toBeGreaterThanOrEqual(Math.round(counted));
+        const counted = Object.values(rates).reduce(
+          (n, r) => n + r.sessionsPerS * config.rateMs / 1000,
+          0,
+        );
+        expect(quits?.length ?? 0, `${runtime} floor session lines`).toBeGreaterThanOrEqual(
+          Math.round(counted),
+        );
         // Every adversarial shape and every small-host flag variant, measured.
         expect(lines[runtime].map((l) => l.name)).toEqual(SHAPES.map(([name]) => name));
-        for (const line of lines[runtime]) for (const cpu of line.cpu) positive(cpu, `${runtime} ${line.name}`);
+        for (const line of lines[runtime]) {
+          for (const cpu of line.cpu) positive(cpu, `${runtime} ${line.name}`);
+        }
         expect(small[runtime].map((v) => v.flags)).toEqual(VARIANTS[runtime]);
         for (const v of small[runtime]) {
           for (const value of [...v.startMs, v.idle, v.served, v.held, v.rate.serverCpu]) {
@@ -88,7 +102,9 @@ it(
       const markdown = readFileSync(join(out, "RESULTS.md"), "utf8");
       expect(stdout).toBe(markdown);
       for (const runtime of RUNTIMES) {
-        expect(markdown).toMatch(new RegExp(`^\\| ${runtime} +(\\| \\*\\*(PASS|MISS)\\*\\* [^|]+){4}\\|$`, "m"));
+        expect(markdown).toMatch(
+          new RegExp(`^\\| ${runtime} +(\\| \\*\\*(PASS|MISS)\\*\\* [^|]+){4}\\|$`, "m"),
+        );
         expect(markdown).toMatch(
           new RegExp(`^\\| ${runtime} +\\| 16 +\\| [\\d.]+x \\(control [\\d.]+–[\\d.]+\\)`, "m"),
         );

@@ -29,7 +29,14 @@ import {
   unless,
   until,
 } from "./helpers.ts";
-import { checkedDomain, createLog, createSession, parseOptions, receive, serve } from "../smtp521.ts";
+import {
+  checkedDomain,
+  createLog,
+  createSession,
+  parseOptions,
+  receive,
+  serve,
+} from "../smtp521.ts";
 
 const NAME = "mx.example";
 const REFUSE = greeting(NAME);
@@ -48,7 +55,9 @@ function freePort(): Promise<number> {
 }
 
 const exited = (child: ChildProcess) =>
-  child.exitCode !== null ? Promise.resolve(child.exitCode) : new Promise<number | null>((r) => child.on("exit", r));
+  child.exitCode !== null
+    ? Promise.resolve(child.exitCode)
+    : new Promise<number | null>((r) => child.on("exit", r));
 
 // ---------------------------------------------------------------------------
 // 1. The log is never a way to stop the service.
@@ -69,7 +78,9 @@ describe("the log: a sink that fails or stalls costs counted lines, never the se
     failing = false;
     log("session", { n: 3 });
     await flush();
-    expect(written.join("")).toMatch(/^time=\S+ event=log dropped=3\ntime=\S+ event=session n=3\n$/);
+    expect(written.join("")).toMatch(
+      /^time=\S+ event=log dropped=3\ntime=\S+ event=session n=3\n$/,
+    );
     log("session", { n: 4 });
     await flush();
     expect(written.at(-1)).toMatch(/^time=\S+ event=session n=4\n$/); // reported once, not again
@@ -91,7 +102,9 @@ describe("the log: a sink that fails or stalls costs counted lines, never the se
       try {
         server.child.stderr!.destroy(); // the reader is gone: every write to the pipe fails
         for (let n = 0; n < 5; n++) {
-          expect((await talk(server.port, "NOOP\r\nQUIT\r\n")).text).toBe(REFUSE + REFUSE + CLOSING);
+          expect((await talk(server.port, "NOOP\r\nQUIT\r\n")).text).toBe(
+            REFUSE + REFUSE + CLOSING,
+          );
         }
       } finally {
         expect(await server.stop()).toBe(0);
@@ -107,7 +120,11 @@ describe("the log: a sink that fails or stalls costs counted lines, never the se
       });
       closeSync(full);
       try {
-        await until(() => listening(port) || child.exitCode !== null, 15_000, "the server to listen");
+        await until(
+          () => listening(port) || child.exitCode !== null,
+          15_000,
+          "the server to listen",
+        );
         for (let n = 0; n < 5; n++) {
           expect((await talk(port, "NOOP\r\nQUIT\r\n")).text).toBe(REFUSE + REFUSE + CLOSING);
         }
@@ -131,19 +148,31 @@ describe("the log: a sink that fails or stalls costs counted lines, never the se
       const reader = () => {
         const cat = spawn("cat", [fifo], { stdio: ["ignore", "pipe", "ignore"] });
         const lines: string[] = [];
-        cat.stdout!.setEncoding("latin1").on("data", (text: string) => lines.push(...text.split("\n")));
+        cat.stdout!.setEncoding("latin1").on(
+          "data",
+          (text: string) => lines.push(...text.split("\n")),
+        );
         return { cat, lines };
       };
       const first = reader();
       const fd = openSync(fifo, "w"); // waits for cat, another process, to open its end
       // Node: at rest it makes no write(2) of its own, so its count of them shows the log's attempt.
       const [command, ...args] = RUNTIMES.node;
-      const child = spawn(command, [...args, "--port", "0", "--hostname", NAME], { stdio: ["ignore", "ignore", fd] });
+      const child = spawn(command, [...args, "--port", "0", "--hostname", NAME], {
+        stdio: ["ignore", "ignore", fd],
+      });
       closeSync(fd);
-      const writes = () => Number(/^syscw: (\d+)$/m.exec(readFileSync(`/proc/${child.pid}/io`, "latin1"))![1]);
+      const writes = () =>
+        Number(/^syscw: (\d+)$/m.exec(readFileSync(`/proc/${child.pid}/io`, "latin1"))![1]);
       try {
-        await until(() => first.lines.some((l) => l.includes("event=start")), 15_000, "the start line");
-        const port = Number(/listen=\S*:(\d+)/.exec(first.lines.find((l) => l.includes("event=start"))!)![1]);
+        await until(
+          () => first.lines.some((l) => l.includes("event=start")),
+          15_000,
+          "the start line",
+        );
+        const port = Number(
+          /listen=\S*:(\d+)/.exec(first.lines.find((l) => l.includes("event=start"))!)![1],
+        );
         first.cat.kill("SIGKILL");
         await exited(first.cat);
         // A session that gets no reply (a TLS ClientHello): after its greeting, the server's next
@@ -156,7 +185,11 @@ describe("the log: a sink that fails or stalls costs counted lines, never the se
         socket.destroy();
         const second = reader();
         expect((await talk(port, "QUIT\r\n")).text).toBe(REFUSE + CLOSING);
-        await until(() => second.lines.some((l) => l.includes("event=session")), 15_000, "the next session line");
+        await until(
+          () => second.lines.some((l) => l.includes("event=session")),
+          15_000,
+          "the next session line",
+        );
         child.kill("SIGTERM");
         expect(await exited(child)).toBe(0);
         await exited(second.cat);
@@ -176,7 +209,27 @@ describe("the log: a sink that fails or stalls costs counted lines, never the se
 // ---------------------------------------------------------------------------
 
 /** Characters that make patterns backtrack, and prefixes that reach each parser. */
-const FILLS = [" ", "\t", "@", ":", "<", ">", "[", "%", '"', "\\", ".", "-", "a", "A", "1", "a.", " x", "\t ", "@a"];
+const FILLS = [
+  " ",
+  "\t",
+  "@",
+  ":",
+  "<",
+  ">",
+  "[",
+  "%",
+  '"',
+  "\\",
+  ".",
+  "-",
+  "a",
+  "A",
+  "1",
+  "a.",
+  " x",
+  "\t ",
+  "@a",
+];
 const PREFIXES = [
   "",
   "NOOP",
@@ -207,7 +260,13 @@ function secondsPerLine(mode: "greet" | "rcpt", line: string): number {
   const chunk = latin1(line.repeat(25));
   let best = Infinity;
   for (let run = 0; run < 5; run++) {
-    const session = createSession({ mode, name: NAME, maxCommands: 1e9, rcptCode: 521, domains: null });
+    const session = createSession({
+      mode,
+      name: NAME,
+      maxCommands: 1e9,
+      rcptCode: 521,
+      domains: null,
+    });
     receive(session, latin1("MAIL FROM:<>\r\n")); // in rcpt mode, RCPT is read for real
     const begun = performance.now();
     for (let n = 0; n < 40; n++) receive(session, chunk);
@@ -231,7 +290,9 @@ describe.each(["greet", "rcpt"] as const)("the cost of a line in %s mode", (mode
     for (const [prefix, fill, suffix] of shapes) {
       const long = secondsPerLine(mode, shaped(prefix, fill, suffix, 1000));
       const short = secondsPerLine(mode, shaped(prefix, fill, suffix, 250));
-      if (long / noop > worst.ratio) Object.assign(worst, { ratio: long / noop, line: JSON.stringify(prefix + fill) });
+      if (long / noop > worst.ratio) {
+        Object.assign(worst, { ratio: long / noop, line: JSON.stringify(prefix + fill) });
+      }
       if (long / short > worst.scale) {
         Object.assign(worst, { scale: long / short, scaled: JSON.stringify(prefix + fill) });
       }
@@ -250,16 +311,30 @@ describe.each(["greet", "rcpt"] as const)("the cost of a line in %s mode", (mode
 // ---------------------------------------------------------------------------
 
 describe("address literals: a dotted quad, or IPv6: and an address with no zone id", () => {
-  it.each(["[IPv6:fe80::1%eth0]", "[IPv6:fe80::1%25eth0]", "[IPv6:fe80::1%<script>]", "[IPv6:%]", "[IPv6:::1%]"])(
+  it.each([
+    "[IPv6:fe80::1%eth0]",
+    "[IPv6:fe80::1%25eth0]",
+    "[IPv6:fe80::1%<script>]",
+    "[IPv6:%]",
+    "[IPv6:::1%]",
+  ])(
     "refuses %j as a name",
     (literal) => {
       expect(checkedDomain(literal)).toBeNull();
-      expect(parseOptions(["--hostname", literal])).toMatchObject({ error: expect.stringMatching(/^--hostname: /) });
+      expect(parseOptions(["--hostname", literal])).toMatchObject({
+        error: expect.stringMatching(/^--hostname: /),
+      });
     },
   );
 
   it("answers RCPT for a zoned literal with its own name, never the client's text", () => {
-    const session = createSession({ mode: "rcpt", name: NAME, maxCommands: 100, rcptCode: 521, domains: null });
+    const session = createSession({
+      mode: "rcpt",
+      name: NAME,
+      maxCommands: 100,
+      rcptCode: 521,
+      domains: null,
+    });
     const text = "x".repeat(200); // the path stays under RFC 5321's 256 octets, so the domain is read
     const step = receive(session, latin1(`MAIL FROM:<>\r\nRCPT TO:<u@[IPv6:fe80::1%${text}]>\r\n`));
     expect(step.send).toBe(`250 OK\r\n521 ${NAME} does not accept mail\r\n`);
@@ -286,8 +361,17 @@ describe("address literals: a dotted quad, or IPv6: and an address with no zone 
     fc.assert(
       fc.property(fc.array(piece, { maxLength: 30 }), fc.boolean(), (pieces, bracketed) => {
         const domain = bracketed ? `[${pieces.join("")}]` : pieces.join("");
-        const session = createSession({ mode: "rcpt", name: NAME, maxCommands: 100, rcptCode: 521, domains: null });
-        const reply = receive(session, latin1(`MAIL FROM:<>\r\nRCPT TO:<u@${domain}>\r\n`)).send.split("\r\n")[1];
+        const session = createSession({
+          mode: "rcpt",
+          name: NAME,
+          maxCommands: 100,
+          rcptCode: 521,
+          domains: null,
+        });
+        const reply =
+          receive(session, latin1(`MAIL FROM:<>\r\nRCPT TO:<u@${domain}>\r\n`)).send.split(
+            "\r\n",
+          )[1];
         const named = /^521 (\S+) does not accept mail$/.exec(reply)?.[1];
         if (named === undefined) return /^50[01] /.test(reply); // a syntax error names nothing
         return !named.includes("%") && (named === NAME || named === checkedDomain(domain));
@@ -321,7 +405,12 @@ describe("state per local address", () => {
         const { port } = server.addresses[0];
         const sessions = async (address: (n: number) => string) => {
           for (let n = 0; n < 10_000; n += 100) {
-            await Promise.all(Array.from({ length: 100 }, (_, i) => talk(port, "QUIT\r\n", { host: address(n + i) })));
+            await Promise.all(
+              Array.from(
+                { length: 100 },
+                (_, i) => talk(port, "QUIT\r\n", { host: address(n + i) }),
+              ),
+            );
           }
         };
         const one = (_: number) => "127.1.0.1";
@@ -332,7 +421,9 @@ describe("state per local address", () => {
         const same = heap() - before;
         await sessions(many);
         const distinct = heap() - before - same;
-        console.error(`heap after 10,000 sessions: one address +${same} B, 10,000 addresses +${distinct} B more`);
+        console.error(
+          `heap after 10,000 sessions: one address +${same} B, 10,000 addresses +${distinct} B more`,
+        );
         // A name and its replies per address would be some 1 MB here (smtp521 1.0.0: a config each).
         expect(distinct).toBeLessThan(400_000);
       } finally {
@@ -348,7 +439,9 @@ describe("state per local address", () => {
 // ---------------------------------------------------------------------------
 
 const netns = isRoot && has("unshare") && has("nsenter") && has("ip") && has("sysctl");
-const NETNS_WHY = netns ? "" : "needs root and unshare, nsenter, ip and sysctl (.ci/run runs as root)";
+const NETNS_WHY = netns
+  ? ""
+  : "needs root and unshare, nsenter, ip and sysctl (.ci/run runs as root)";
 
 /** A client in the server's namespace: connections from the given sources, held; what each heard. */
 const NETNS_CLIENT = `
@@ -387,7 +480,14 @@ describe.each(ALL)("holding slots, on %s", (runtime) => {
         "ip -6 route add local 2001:db8:65::/64 dev lo",
         "sysctl -qw net.ipv6.ip_nonlocal_bind=1",
       ].join(" && ");
-      const server = await start(runtime, ["--listen", "[::]:2525", "--hostname", NAME, "--max-per-ip", "3"], [
+      const server = await start(runtime, [
+        "--listen",
+        "[::]:2525",
+        "--hostname",
+        NAME,
+        "--max-per-ip",
+        "3",
+      ], [
         "unshare",
         "-n",
         "sh",
@@ -428,7 +528,14 @@ describe.each(ALL)("holding slots, on %s", (runtime) => {
   );
 
   it("closes a session at --max-duration however often it sends a line, and logs it as a time-out", async () => {
-    const server = await start(runtime, ["--hostname", NAME, "--max-duration", "1", "--timeout", "300"]);
+    const server = await start(runtime, [
+      "--hostname",
+      NAME,
+      "--max-duration",
+      "1",
+      "--timeout",
+      "300",
+    ]);
     try {
       const socket = connect({ host: "127.0.0.1", port: server.port });
       let text = "";
@@ -440,7 +547,10 @@ describe.each(ALL)("holding slots, on %s", (runtime) => {
       const ticker = setInterval(() => socket.write("NOOP\r\n"), 200); // well inside the idle time-out
       try {
         // The bound is the behaviour: not before 1 s; the 15 s ceiling is only for a stuck test.
-        const ending = await Promise.race([ended, new Promise((r) => setTimeout(() => r("still open"), 15_000))]);
+        const ending = await Promise.race([
+          ended,
+          new Promise((r) => setTimeout(() => r("still open"), 15_000)),
+        ]);
         expect(ending).toBe("fin");
       } finally {
         clearInterval(ticker);
@@ -470,7 +580,9 @@ describe("rcpt mode takes a 100-recipient message to its QUIT (RFC 5321 §4.5.3.
         "import smtplib, json",
         `s = smtplib.SMTP('127.0.0.1', ${server.port}, timeout=10)`,
         "try:",
-        `    s.sendmail('a@client.example', ${JSON.stringify(recipients)}, 'Subject: x\\r\\n\\r\\nx')`,
+        `    s.sendmail('a@client.example', ${
+          JSON.stringify(recipients)
+        }, 'Subject: x\\r\\n\\r\\nx')`,
         "except smtplib.SMTPRecipientsRefused as e:",
         "    print(json.dumps({k: [v[0], v[1].decode()] for k, v in e.recipients.items()}))",
         "s.quit()",
@@ -490,7 +602,11 @@ describe("rcpt mode takes a 100-recipient message to its QUIT (RFC 5321 §4.5.3.
   it("nodemailer: EENVELOPE with all 100 rejected", async () => {
     const server = await start("node", ["--mode", "rcpt", "--hostname", NAME]);
     try {
-      const transport = nodemailer.createTransport({ host: "127.0.0.1", port: server.port, secure: false });
+      const transport = nodemailer.createTransport({
+        host: "127.0.0.1",
+        port: server.port,
+        secure: false,
+      });
       const sent = transport.sendMail({ from: "a@client.example", to: recipients, text: "hello" });
       const error = await sent.then(() => null, (e: { code: string; rejected: string[] }) => e);
       expect(error?.code).toBe("EENVELOPE");
@@ -525,7 +641,9 @@ describe.each(ALL)("the accept path on %s", (runtime) => {
       held.forEach((socket) => socket.destroy());
       const deadline = Date.now() + 20_000;
       let heard = "";
-      while (heard !== REFUSE && Date.now() < deadline) heard = (await talk(server.port, "", { ms: 2000 })).text;
+      while (heard !== REFUSE && Date.now() < deadline) {
+        heard = (await talk(server.port, "", { ms: 2000 })).text;
+      }
       expect(heard).toBe(REFUSE);
     } finally {
       held.forEach((socket) => socket.destroy());
@@ -564,16 +682,19 @@ describe("--user", () => {
   );
 
   describe.each(["node", "bun"] as const)("on %s", (runtime) => {
-    it.skipIf(!isRoot)(unless("drops to numeric ids 65534:65534", isRoot ? "" : "needs root"), async () => {
-      const server = await start(runtime, ["--hostname", NAME, "--user", "65534:65534"]);
-      try {
-        const startLine = server.log.find((l) => l.includes("event=start"))!;
-        expect(startLine).toMatch(/ uid=65534 gid=65534 groups=65534 /);
-        expect((await talk(server.port, "QUIT\r\n")).text).toBe(REFUSE + CLOSING);
-      } finally {
-        expect(await server.stop()).toBe(0);
-      }
-    });
+    it.skipIf(!isRoot)(
+      unless("drops to numeric ids 65534:65534", isRoot ? "" : "needs root"),
+      async () => {
+        const server = await start(runtime, ["--hostname", NAME, "--user", "65534:65534"]);
+        try {
+          const startLine = server.log.find((l) => l.includes("event=start"))!;
+          expect(startLine).toMatch(/ uid=65534 gid=65534 groups=65534 /);
+          expect((await talk(server.port, "QUIT\r\n")).text).toBe(REFUSE + CLOSING);
+        } finally {
+          expect(await server.stop()).toBe(0);
+        }
+      },
+    );
   });
 });
 
@@ -585,13 +706,26 @@ describe.each(ALL)("one session on stdin and stdout (systemd Accept=yes), on %s"
       const port = await freePort();
       const launcher = spawn(
         "systemd-socket-activate",
-        ["-l", `127.0.0.1:${port}`, "--accept", "--inetd", ...RUNTIMES[runtime], "--stdio", "--hostname", NAME],
+        [
+          "-l",
+          `127.0.0.1:${port}`,
+          "--accept",
+          "--inetd",
+          ...RUNTIMES[runtime],
+          "--stdio",
+          "--hostname",
+          NAME,
+        ],
         { stdio: ["ignore", "ignore", "pipe"] },
       );
       let log = "";
       launcher.stderr!.setEncoding("latin1").on("data", (text: string) => (log += text));
       try {
-        await until(() => log.includes("Listening on"), 15_000, "systemd-socket-activate to listen");
+        await until(
+          () => log.includes("Listening on"),
+          15_000,
+          "systemd-socket-activate to listen",
+        );
         let greeted = 0;
         for (let n = 0; n < 10; n++) {
           const got = await talk(port, "", { afterGreeting: false, halfClose: true, ms: 10_000 });

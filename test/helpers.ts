@@ -112,7 +112,11 @@ export interface Running {
  * `wrap` (e.g. systemd-socket-activate) if given, and read the port from its
  * start line.
  */
-export async function start(runtime: Runtime, args: string[] = [], wrap: string[] = []): Promise<Running> {
+export async function start(
+  runtime: Runtime,
+  args: string[] = [],
+  wrap: string[] = [],
+): Promise<Running> {
   const listen = args.some((a) => a === "--listen" || a === "--port") ? [] : ["--port", "0"];
   const [command, ...rest] = [...wrap, ...RUNTIMES[runtime], ...listen, ...args];
   const child = spawn(command, rest, { stdio: ["ignore", "pipe", "pipe"] });
@@ -209,12 +213,21 @@ export function talk(
   });
 }
 
-export const run = (command: string, args: string[], options: { input?: string; timeout?: number } = {}) =>
+export const run = (
+  command: string,
+  args: string[],
+  options: { input?: string; timeout?: number } = {},
+) =>
   new Promise<{ code: number | null; stdout: string; stderr: string }>((resolve) => {
-    const child = execFile(command, args, { timeout: options.timeout ?? 20_000 }, (error, stdout, stderr) => {
-      const code = error ? (typeof error.code === "number" ? error.code : null) : 0;
-      resolve({ code, stdout, stderr });
-    });
+    const child = execFile(
+      command,
+      args,
+      { timeout: options.timeout ?? 20_000 },
+      (error, stdout, stderr) => {
+        const code = error ? (typeof error.code === "number" ? error.code : null) : 0;
+        resolve({ code, stdout, stderr });
+      },
+    );
     child.stdin!.end(options.input ?? "");
   });
 

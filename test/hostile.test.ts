@@ -24,7 +24,10 @@ async function inProcess(options: ServeOptions = {}) {
 }
 
 /** Open a connection from `localAddress` and resolve once the greeting is in. */
-function hold(port: number, localAddress = "127.0.0.1"): Promise<{ socket: Socket; greeting: string }> {
+function hold(
+  port: number,
+  localAddress = "127.0.0.1",
+): Promise<{ socket: Socket; greeting: string }> {
   return new Promise((resolve, reject) => {
     const socket = connect({ host: "127.0.0.1", port, localAddress });
     socket.once("data", (chunk) => resolve({ socket, greeting: chunk.toString("latin1") }));
@@ -121,11 +124,16 @@ describe("faults never crash and never leak (in process)", () => {
     }
     await Promise.all(scenarios);
     await until(() => running.server.connections() === 0, 15_000, "every socket to close");
-    await until(() => running.sessions().length >= 100, 15_000, "a line for each of the 100 sessions");
+    await until(
+      () => running.sessions().length >= 100,
+      15_000,
+      "a line for each of the 100 sessions",
+    );
     const ends = running.sessions().map((s) => String(s.end));
     expect(ends).toHaveLength(100);
     expect(ends.filter((e) => e === "client-closed").length).toBeGreaterThanOrEqual(20);
-    expect(ends.every((e) => ["reset", "client-closed", "quit", "limit"].includes(e)), ends.join()).toBe(true);
+    expect(ends.every((e) => ["reset", "client-closed", "quit", "limit"].includes(e)), ends.join())
+      .toBe(true);
     await running.server.close(0);
     expect(timers()).toBeLessThanOrEqual(baseline); // none of ours is left
   });
@@ -138,7 +146,10 @@ describe("faults never crash and never leak (in process)", () => {
         let text = "";
         socket.on("data", (chunk) => (text += chunk.toString("latin1")));
         socket.on("end", () => resolve({ text, how: "end" }));
-        socket.on("error", (error: NodeJS.ErrnoException) => resolve({ text, how: error.code ?? "error" }));
+        socket.on(
+          "error",
+          (error: NodeJS.ErrnoException) => resolve({ text, how: error.code ?? "error" }),
+        );
       });
       // 40,000 lines (240 KB) at once, then more every 10 ms: the server stops at the 20th with
       // most of them unread, and must not reset (a close with unread bytes sends an RST).
@@ -171,7 +182,11 @@ describe.concurrent("cross-protocol probes and slow clients (the real file)", ()
         );
         expect(tls).toMatchObject({ text: greeting(NAME), ending: "fin" });
         await server.waitFor(/end=forbidden$/);
-        await until(() => server.log.filter((l) => l.endsWith("end=forbidden")).length === 2, 5000, "two forbidden");
+        await until(
+          () => server.log.filter((l) => l.endsWith("end=forbidden")).length === 2,
+          5000,
+          "two forbidden",
+        );
       } finally {
         await server.stop();
       }
@@ -232,10 +247,14 @@ describe.concurrent("cross-protocol probes and slow clients (the real file)", ()
         socket.on("error", () => {});
         const sentAt: number[] = [];
         const lines = setInterval(() => {
-          if (sentAt.length < 5 && socket.writable) socket.write("NOOP\r\n", () => sentAt.push(Date.now()));
+          if (sentAt.length < 5 && socket.writable) {
+            socket.write("NOOP\r\n", () => sentAt.push(Date.now()));
+          }
         }, 400);
         const guard = setTimeout(() => socket.destroy(), 20_000);
-        const closedAt = await new Promise<number>((resolve) => socket.on("close", () => resolve(Date.now())));
+        const closedAt = await new Promise<number>((resolve) =>
+          socket.on("close", () => resolve(Date.now()))
+        );
         clearInterval(lines);
         clearTimeout(guard);
         // Five lines keep it open for about 2 s, past the time-out; it closes 1.5 s after the last
@@ -258,7 +277,17 @@ describe("out of file descriptors (the real file, ulimit -n 64)", () => {
     "on %s: keeps running, warns at most once a second, serves again",
     async (runtime) => {
       const [command, ...pre] = RUNTIMES[runtime];
-      const args = [...pre, "--port", "0", "--hostname", NAME, "--max-per-ip", "1000", "--timeout", "30"];
+      const args = [
+        ...pre,
+        "--port",
+        "0",
+        "--hostname",
+        NAME,
+        "--max-per-ip",
+        "1000",
+        "--timeout",
+        "30",
+      ];
       const child = spawn("bash", ["-c", `ulimit -n 64 && exec "$0" "$@"`, command, ...args], {
         stdio: ["ignore", "ignore", "pipe"],
       });
@@ -271,25 +300,32 @@ describe("out of file descriptors (the real file, ulimit -n 64)", () => {
         // 100 clients at once, each held until it has its greeting (or the server closed it): those
         // past the limit too hear the 521, then a close.
         const sockets: Socket[] = [];
-        const heard = await Promise.all(Array.from({ length: 100 }, () =>
-          new Promise<string>((resolve) => {
-            const socket = connect({ host: "127.0.0.1", port });
-            sockets.push(socket);
-            let text = "";
-            const done = () => {
-              clearTimeout(guard);
-              resolve(text);
-            };
-            const guard = setTimeout(done, 20_000);
-            socket.on("data", (chunk) => (text += chunk.toString("latin1")) && text.endsWith("\r\n") && done());
-            socket.on("close", done);
-            socket.on("error", () => {});
-          })));
+        const heard = await Promise.all(
+          Array.from({ length: 100 }, () =>
+            new Promise<string>((resolve) => {
+              const socket = connect({ host: "127.0.0.1", port });
+              sockets.push(socket);
+              let text = "";
+              const done = () => {
+                clearTimeout(guard);
+                resolve(text);
+              };
+              const guard = setTimeout(done, 20_000);
+              socket.on("data", (chunk) =>
+                (text += chunk.toString("latin1")) && text.endsWith("\r\n") && done());
+              socket.on("close", done);
+              socket.on("error", () => {});
+            })),
+        );
         const seconds = (Date.now() - begun) / 1000;
         for (const socket of sockets) socket.destroy();
         expect(heard.filter((text) => text === greeting(NAME)).length).toBe(100);
         const emfile = () => log.split("\n").filter((l) => l.includes("event=error error=EMFILE"));
-        await until(() => emfile().length >= 1, 10_000, "an EMFILE warning (the log writes every 50 ms)");
+        await until(
+          () => emfile().length >= 1,
+          10_000,
+          "an EMFILE warning (the log writes every 50 ms)",
+        );
         const warnings = emfile();
         expect(warnings.length).toBeLessThanOrEqual(Math.ceil(seconds) + 1);
         expect(child.exitCode).toBe(null);

@@ -3,7 +3,15 @@
 // each run for real on this machine.
 
 import { spawn, spawnSync } from "node:child_process";
-import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
+import {
+  existsSync,
+  mkdtempSync,
+  readdirSync,
+  readFileSync,
+  rmSync,
+  statSync,
+  writeFileSync,
+} from "node:fs";
 import { connect, createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join, relative } from "node:path";
@@ -36,7 +44,9 @@ const ALL = Object.keys(RUNTIMES) as Runtime[];
 /** The flags an example passes to smtp521.ts, read from its ExecStart= line. */
 function exampleFlags(unit: string): string[] {
   const exec = /^ExecStart=(.*)$/m.exec(readFileSync(join(EXAMPLES, unit), "utf8"))![1];
-  return exec.split(/\s+/).slice(exec.split(/\s+/).findIndex((word) => word.endsWith("smtp521.ts")) + 1);
+  return exec.split(/\s+/).slice(
+    exec.split(/\s+/).findIndex((word) => word.endsWith("smtp521.ts")) + 1,
+  );
 }
 
 /** A port that was free a moment ago, for launchers that bind it themselves. */
@@ -64,23 +74,39 @@ async function launch(
   child.stderr!.on("data", (chunk) => (stderr += chunk));
   const exited = new Promise((resolve) => child.on("exit", resolve));
   try {
-    await until(() => listening(port) || child.exitCode !== null, 20_000, `${command[0]} to listen on ${port}`);
+    await until(
+      () => listening(port) || child.exitCode !== null,
+      20_000,
+      `${command[0]} to listen on ${port}`,
+    );
     expect(child.exitCode, `${command[0]} exited early: ${stderr}`).toBe(null);
     const got = await talk(port, send, { halfClose, ms: 15_000 });
-    if (logged) await until(() => logged.test(stderr), 15_000, `a session line on stderr; got: ${stderr}`);
+    if (logged) {
+      await until(() => logged.test(stderr), 15_000, `a session line on stderr; got: ${stderr}`);
+    }
     return { got, stderr };
   } finally {
     child.kill("SIGTERM");
-    await within(exited, 10_000, `${command[0]} to exit on SIGTERM`).catch(() => child.kill("SIGKILL"));
+    await within(exited, 10_000, `${command[0]} to exit on SIGTERM`).catch(() =>
+      child.kill("SIGKILL")
+    );
   }
 }
 
 /** systemd `Accept=yes` (the inetd example): one process per connection, the socket on stdin and stdout. */
-const acceptYes = (port: number) => ["systemd-socket-activate", "--accept", "--inetd", "-l", `127.0.0.1:${port}`];
+const acceptYes = (
+  port: number,
+) => ["systemd-socket-activate", "--accept", "--inetd", "-l", `127.0.0.1:${port}`];
 
 const noSocat = has("socat") ? "" : "socat is not installed (.ci/run installs it)";
-const noTcpserver = has("tcpserver") ? "" : "tcpserver is not installed (.ci/run installs ucspi-tcp)";
-const noXinetd = !has("xinetd") ? "xinetd is not installed (.ci/run installs it)" : isRoot ? "" : "xinetd needs root";
+const noTcpserver = has("tcpserver")
+  ? ""
+  : "tcpserver is not installed (.ci/run installs ucspi-tcp)";
+const noXinetd = !has("xinetd")
+  ? "xinetd is not installed (.ci/run installs it)"
+  : isRoot
+  ? ""
+  : "xinetd needs root";
 const noRoot = isRoot ? "" : "--user needs root";
 const noAnalyze = has("systemd-analyze") ? "" : "systemd-analyze is not installed";
 
@@ -99,22 +125,27 @@ describe("--stdio: one session on standard input and output", () => {
     );
   });
 
-  it.each(ALL)("on %s under systemd Accept=yes (the inetd example): the socket's addresses", async (runtime) => {
-    const port = await freePort();
-    const [command, ...pre] = RUNTIMES[runtime];
-    const { got, stderr } = await launch(
-      [...acceptYes(port), command, ...pre, ...exampleFlags("smtp521-inetd@.service")],
-      port,
-      "NOOP\r\nQUIT\r\n",
-    );
-    expect(got.text).toBe(greeting(NAME).repeat(2) + CLOSING);
-    // Node and Deno open descriptor 0 as the socket and log its peer; Bun cannot, and logs "-".
-    const remote = runtime === "bun" ? "-" : "127\\.0\\.0\\.1:\\d+";
-    const localPort = runtime === "bun" ? "-" : String(port);
-    expect(stderr).toMatch(
-      new RegExp(`event=session remote=${remote} local_port=${localPort} mode=greet .* lines=2 end=quit`),
-    );
-  });
+  it.each(ALL)(
+    "on %s under systemd Accept=yes (the inetd example): the socket's addresses",
+    async (runtime) => {
+      const port = await freePort();
+      const [command, ...pre] = RUNTIMES[runtime];
+      const { got, stderr } = await launch(
+        [...acceptYes(port), command, ...pre, ...exampleFlags("smtp521-inetd@.service")],
+        port,
+        "NOOP\r\nQUIT\r\n",
+      );
+      expect(got.text).toBe(greeting(NAME).repeat(2) + CLOSING);
+      // Node and Deno open descriptor 0 as the socket and log its peer; Bun cannot, and logs "-".
+      const remote = runtime === "bun" ? "-" : "127\\.0\\.0\\.1:\\d+";
+      const localPort = runtime === "bun" ? "-" : String(port);
+      expect(stderr).toMatch(
+        new RegExp(
+          `event=session remote=${remote} local_port=${localPort} mode=greet .* lines=2 end=quit`,
+        ),
+      );
+    },
+  );
 
   it.each(ALL)(
     "on %s under systemd Accept=yes, a client's FIN after a line: the reply, then its FIN",
@@ -122,9 +153,14 @@ describe("--stdio: one session on standard input and output", () => {
       const port = await freePort();
       const [command, ...pre] = RUNTIMES[runtime];
       const flags = exampleFlags("smtp521-inetd@.service");
-      const { got, stderr } = await launch([...acceptYes(port), command, ...pre, ...flags], port, "NOOP\r\n", {
-        halfClose: true,
-      });
+      const { got, stderr } = await launch(
+        [...acceptYes(port), command, ...pre, ...flags],
+        port,
+        "NOOP\r\n",
+        {
+          halfClose: true,
+        },
+      );
       expect(got).toMatchObject({ text: greeting(NAME).repeat(2), ending: "fin" });
       expect(stderr).toMatch(/event=session .* lines=1 end=client-closed/);
     },
@@ -135,10 +171,16 @@ describe("--stdio: one session on standard input and output", () => {
     async (runtime) => {
       const port = await freePort();
       const [command, ...pre] = RUNTIMES[runtime];
-      const { got, stderr } = await launch([...acceptYes(port), command, ...pre, "--stdio"], port, "QUIT\r\n");
+      const { got, stderr } = await launch(
+        [...acceptYes(port), command, ...pre, "--stdio"],
+        port,
+        "QUIT\r\n",
+      );
       if (runtime === "bun") {
         // No socket addresses on Bun: tcpserver's variables, then the system name, then localhost with a warning.
-        expect(got.text).toMatch(/^521 \S+ does not accept mail\r\n221 \S+ closing connection\r\n$/);
+        expect(got.text).toMatch(
+          /^521 \S+ does not accept mail\r\n221 \S+ closing connection\r\n$/,
+        );
       } else {
         expect(got.text).toBe(greeting("[127.0.0.1]") + "221 [127.0.0.1] closing connection\r\n");
         expect(stderr).not.toContain("event=warning");
@@ -156,8 +198,12 @@ describe("--stdio: one session on standard input and output", () => {
     });
     // The environment may not be read without --allow-env: the name falls back to localhost.
     expect(got.status).toBe(0);
-    expect(got.stdout).toBe("521 localhost does not accept mail\r\n221 localhost closing connection\r\n");
-    expect(got.stderr).toContain('event=warning detail="no name for replies: using localhost; pass --hostname"');
+    expect(got.stdout).toBe(
+      "521 localhost does not accept mail\r\n221 localhost closing connection\r\n",
+    );
+    expect(got.stderr).toContain(
+      'event=warning detail="no name for replies: using localhost; pass --hostname"',
+    );
   });
 
   it("on Node under tcpserver-style variables: TCPLOCALIP names it, TCPREMOTEIP is logged", () => {
@@ -165,9 +211,16 @@ describe("--stdio: one session on standard input and output", () => {
       input: "QUIT\r\n",
       encoding: "latin1",
       timeout: 15_000,
-      env: { ...process.env, TCPLOCALIP: "192.0.2.7", TCPREMOTEIP: "198.51.100.9", TCPREMOTEPORT: "4321" },
+      env: {
+        ...process.env,
+        TCPLOCALIP: "192.0.2.7",
+        TCPREMOTEIP: "198.51.100.9",
+        TCPREMOTEPORT: "4321",
+      },
     });
-    expect(got.stdout).toBe("521 [192.0.2.7] does not accept mail\r\n221 [192.0.2.7] closing connection\r\n");
+    expect(got.stdout).toBe(
+      "521 [192.0.2.7] does not accept mail\r\n221 [192.0.2.7] closing connection\r\n",
+    );
     expect(got.stderr).toContain("remote=198.51.100.9:4321");
   });
 
@@ -190,7 +243,14 @@ describe("systemd socket activation: --listen fd:3 (the smtp521-node example)", 
     const port = await freePort();
     const [command, ...pre] = RUNTIMES[runtime];
     const { got, stderr } = await launch(
-      ["systemd-socket-activate", "-l", `127.0.0.1:${port}`, command, ...pre, ...exampleFlags("smtp521-node.service")],
+      [
+        "systemd-socket-activate",
+        "-l",
+        `127.0.0.1:${port}`,
+        command,
+        ...pre,
+        ...exampleFlags("smtp521-node.service"),
+      ],
       port,
       "EHLO client.example\r\nQUIT\r\n",
     );
@@ -216,9 +276,21 @@ describe("--user: drop privileges after binding", () => {
       const server = await start(runtime, ["--user", "nobody", "--hostname", NAME]);
       try {
         const status = readFileSync(`/proc/${server.child.pid}/status`, "utf8");
-        expect(/^Uid:\s+(.*)$/m.exec(status)![1].split(/\s+/)).toEqual(["65534", "65534", "65534", "65534"]);
-        expect(/^Gid:\s+(.*)$/m.exec(status)![1].split(/\s+/)).toEqual(["65534", "65534", "65534", "65534"]);
-        expect(server.log.find((l) => l.includes("event=start"))).toMatch(/ uid=65534 gid=65534 groups=65534 /);
+        expect(/^Uid:\s+(.*)$/m.exec(status)![1].split(/\s+/)).toEqual([
+          "65534",
+          "65534",
+          "65534",
+          "65534",
+        ]);
+        expect(/^Gid:\s+(.*)$/m.exec(status)![1].split(/\s+/)).toEqual([
+          "65534",
+          "65534",
+          "65534",
+          "65534",
+        ]);
+        expect(server.log.find((l) => l.includes("event=start"))).toMatch(
+          / uid=65534 gid=65534 groups=65534 /,
+        );
         expect((await talk(server.port, "QUIT\r\n")).text).toBe(greeting(NAME) + CLOSING);
       } finally {
         await server.stop();
@@ -230,42 +302,52 @@ describe("--user: drop privileges after binding", () => {
     const [command, ...pre] = RUNTIMES.deno;
     const got = await run(command, [...pre, "--user", "nobody", "--port", "0"]);
     expect(got.code).toBe(2);
-    expect(got.stderr).toMatch(/^smtp521: --user: Deno has no setgroups.*User= or DynamicUser=.*Node or Bun\n$/);
+    expect(got.stderr).toMatch(
+      /^smtp521: --user: Deno has no setgroups.*User= or DynamicUser=.*Node or Bun\n$/,
+    );
   });
 
-  it.skipIf(noRoot)(unless("an unknown user exits 1 with one line, without serving", noRoot), async () => {
-    const got = await run(RUNTIMES.node[0], [FILE, "--port", "0", "--user", "no-such-user-521"]);
-    expect(got.code).toBe(1);
-    expect(got.stderr).toMatch(/^smtp521: --user: "no-such-user-521" is not in \/etc\/passwd; give NAME:GROUP\n$/);
-  });
+  it.skipIf(noRoot)(
+    unless("an unknown user exits 1 with one line, without serving", noRoot),
+    async () => {
+      const got = await run(RUNTIMES.node[0], [FILE, "--port", "0", "--user", "no-such-user-521"]);
+      expect(got.code).toBe(1);
+      expect(got.stderr).toMatch(
+        /^smtp521: --user: "no-such-user-521" is not in \/etc\/passwd; give NAME:GROUP\n$/,
+      );
+    },
+  );
 });
 
 describe("logs", () => {
-  it.each(ALL)("on %s, --log json: every stderr line is a JSON object with the fields", async (runtime) => {
-    const server = await start(runtime, ["--log", "json", "--hostname", NAME]);
-    await talk(server.port, "NOOP\r\nQUIT\r\n");
-    await server.waitFor(/"event":"session"/);
-    expect(await server.stop()).toBe(0);
-    const lines = server.log.filter(Boolean).map((line) => JSON.parse(line));
-    expect(lines.map((l) => l.event)).toEqual(["start", "session", "stop"]);
-    expect(lines[0]).toMatchObject({
-      mode: "greet",
-      name: NAME,
-      name_source: "--hostname",
-      version: expect.any(String),
-    });
-    expect(lines[1]).toEqual({
-      time: expect.stringMatching(/^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$/),
-      event: "session",
-      remote: expect.stringMatching(/^(127\.0\.0\.1|\[::1\]):\d+$/),
-      local_port: server.port,
-      mode: "greet",
-      duration_ms: expect.any(Number),
-      lines: 2,
-      end: "quit",
-    });
-    expect(lines[2]).toMatchObject({ signal: "SIGTERM", sessions: 1, quit: 1 });
-  });
+  it.each(ALL)(
+    "on %s, --log json: every stderr line is a JSON object with the fields",
+    async (runtime) => {
+      const server = await start(runtime, ["--log", "json", "--hostname", NAME]);
+      await talk(server.port, "NOOP\r\nQUIT\r\n");
+      await server.waitFor(/"event":"session"/);
+      expect(await server.stop()).toBe(0);
+      const lines = server.log.filter(Boolean).map((line) => JSON.parse(line));
+      expect(lines.map((l) => l.event)).toEqual(["start", "session", "stop"]);
+      expect(lines[0]).toMatchObject({
+        mode: "greet",
+        name: NAME,
+        name_source: "--hostname",
+        version: expect.any(String),
+      });
+      expect(lines[1]).toEqual({
+        time: expect.stringMatching(/^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$/),
+        event: "session",
+        remote: expect.stringMatching(/^(127\.0\.0\.1|\[::1\]):\d+$/),
+        local_port: server.port,
+        mode: "greet",
+        duration_ms: expect.any(Number),
+        lines: 2,
+        end: "quit",
+      });
+      expect(lines[2]).toMatchObject({ signal: "SIGTERM", sessions: 1, quit: 1 });
+    },
+  );
 
   it("--log text: every line is key=value pairs, values with spaces quoted", async () => {
     const server = await start("node", ["--hostname", NAME]);
@@ -282,8 +364,12 @@ describe("logs", () => {
   });
 
   it("in process: each session line has the time its session ended, and close() hands on every line first", async () => {
-    const logged: { event: string; at?: number; called: number; fields: Readonly<Record<string, string | number>> }[] =
-      [];
+    const logged: {
+      event: string;
+      at?: number;
+      called: number;
+      fields: Readonly<Record<string, string | number>>;
+    }[] = [];
     const server = await serve({
       hostname: NAME,
       listen: [{ host: "127.0.0.1", port: 0 }],
@@ -302,7 +388,9 @@ describe("logs", () => {
     expect(sessions).toHaveLength(2);
     for (const [i, { at, called, fields }] of sessions.entries()) {
       const [begun, ended] = windows[i];
-      const what = `session ${i + 1}: begun ${begun}, ended ${ended}, at ${at}, handed on ${called}`;
+      const what = `session ${
+        i + 1
+      }: begun ${begun}, ended ${ended}, at ${at}, handed on ${called}`;
       expect(at, what).toBeGreaterThanOrEqual(begun);
       expect(at, what).toBeLessThanOrEqual(called);
       expect(fields).toMatchObject({ local_port: port, lines: 1, end: "quit" });
@@ -328,31 +416,39 @@ describe("logs", () => {
 });
 
 describe("signals", () => {
-  it.each(ALL)("on %s, SIGTERM: stops accepting, lets an open session finish, then exits 0", async (runtime) => {
-    const server = await start(runtime, ["--hostname", NAME, "--drain", "2"]);
-    // A session opened (and greeted) before the signal, which never ends by itself.
-    const open = connect({ host: "127.0.0.1", port: server.port }).on("error", () => {});
-    let text = "";
-    open.on("data", (chunk) => (text += chunk.toString("latin1")));
-    const closed = new Promise((resolve) => open.on("close", resolve));
-    await until(() => text !== "", 15_000, "the greeting");
-    const begun = Date.now();
-    server.child.kill("SIGTERM");
-    await until(() => !listening(server.port) || server.child.exitCode !== null, 15_000, "the listener to close");
-    const late = await talk(server.port, "QUIT\r\n");
-    expect(late).toMatchObject({ text: "", ending: "reset" }); // refused: no longer listening
-    expect(server.child.exitCode).toBe(null); // still draining the open session
-    // The open session ends at the drain deadline (2 s: never early), with end=shutdown. The upper
-    // bound only tells the deadline from the session's own 300 s time-out: 12 s leaves a busy
-    // machine 10 s of lateness.
-    expect(await within(server.exited, 15_000, "the exit")).toBe(0);
-    await within(closed, 5000, "the server to close the open session");
-    expect(text).toBe(greeting(NAME));
-    expect(Date.now() - begun).toBeGreaterThanOrEqual(1900);
-    expect(Date.now() - begun).toBeLessThan(12_000);
-    expect(server.log.some((l) => l.endsWith("end=shutdown"))).toBe(true);
-    expect(server.log.some((l) => /event=stop signal=SIGTERM sessions=1 shutdown=1$/.test(l))).toBe(true);
-  });
+  it.each(ALL)(
+    "on %s, SIGTERM: stops accepting, lets an open session finish, then exits 0",
+    async (runtime) => {
+      const server = await start(runtime, ["--hostname", NAME, "--drain", "2"]);
+      // A session opened (and greeted) before the signal, which never ends by itself.
+      const open = connect({ host: "127.0.0.1", port: server.port }).on("error", () => {});
+      let text = "";
+      open.on("data", (chunk) => (text += chunk.toString("latin1")));
+      const closed = new Promise((resolve) => open.on("close", resolve));
+      await until(() => text !== "", 15_000, "the greeting");
+      const begun = Date.now();
+      server.child.kill("SIGTERM");
+      await until(
+        () => !listening(server.port) || server.child.exitCode !== null,
+        15_000,
+        "the listener to close",
+      );
+      const late = await talk(server.port, "QUIT\r\n");
+      expect(late).toMatchObject({ text: "", ending: "reset" }); // refused: no longer listening
+      expect(server.child.exitCode).toBe(null); // still draining the open session
+      // The open session ends at the drain deadline (2 s: never early), with end=shutdown. The upper
+      // bound only tells the deadline from the session's own 300 s time-out: 12 s leaves a busy
+      // machine 10 s of lateness.
+      expect(await within(server.exited, 15_000, "the exit")).toBe(0);
+      await within(closed, 5000, "the server to close the open session");
+      expect(text).toBe(greeting(NAME));
+      expect(Date.now() - begun).toBeGreaterThanOrEqual(1900);
+      expect(Date.now() - begun).toBeLessThan(12_000);
+      expect(server.log.some((l) => l.endsWith("end=shutdown"))).toBe(true);
+      expect(server.log.some((l) => /event=stop signal=SIGTERM sessions=1 shutdown=1$/.test(l)))
+        .toBe(true);
+    },
+  );
 
   it("SIGTERM with a session that ends by itself during the drain: exits as soon as it has", async () => {
     // A drain far longer than the test: exiting within it means the server saw the session end.
@@ -363,7 +459,9 @@ describe("signals", () => {
     await until(() => !listening(server.port), 15_000, "the listener to close"); // the signal is being handled
     socket.end("QUIT\r\n");
     expect(await within(server.exited, 20_000, "the exit, long before the 120 s drain")).toBe(0);
-    expect(server.log.some((l) => /event=stop signal=SIGTERM sessions=1 quit=1$/.test(l))).toBe(true);
+    expect(server.log.some((l) => /event=stop signal=SIGTERM sessions=1 quit=1$/.test(l))).toBe(
+      true,
+    );
   });
 
   it("SIGINT exits 0; SIGHUP is logged and ignored", async () => {
@@ -384,16 +482,22 @@ describe("examples", () => {
     // In backquotes, a relative path: with a directory, or a file name with an extension.
     const named = new Set(
       [...readme.matchAll(/`([\w.@-]+(?:\/[\w.@-]+)*)`/g)].map((m) => m[1])
-        .filter((name) => name.includes("/") || /\.(ts|md|json|service|socket|smtp521)$/.test(name)),
+        .filter((name) =>
+          name.includes("/") || /\.(ts|md|json|service|socket|smtp521)$/.test(name)
+        ),
     );
     expect(named.size).toBeGreaterThan(5); // the pattern found the README's files
     // The Deploying table names the examples by their place in examples/.
-    const missing = [...named].filter((name) => !existsSync(join(ROOT, name)) && !existsSync(join(EXAMPLES, name)));
+    const missing = [...named].filter((name) =>
+      !existsSync(join(ROOT, name)) && !existsSync(join(EXAMPLES, name))
+    );
     expect(missing, "named in README.md, but no such file").toEqual([]);
     const examples = (readdirSync(EXAMPLES, { recursive: true }) as string[])
       .filter((name) => statSync(join(EXAMPLES, name)).isFile());
     expect(examples.length).toBeGreaterThanOrEqual(units.length + 1);
-    const unnamed = examples.filter((name) => !named.has(name) && !named.has(relative(ROOT, join(EXAMPLES, name))));
+    const unnamed = examples.filter((name) =>
+      !named.has(name) && !named.has(relative(ROOT, join(EXAMPLES, name)))
+    );
     expect(unnamed, "in examples/, but not named in README.md").toEqual([]);
   });
 
@@ -409,7 +513,9 @@ describe("examples", () => {
             .replaceAll("/usr/local/lib/smtp521/smtp521.ts", FILE);
           writeFileSync(join(dir, name), text);
         }
-        const got = spawnSync("systemd-analyze", ["verify", "--man=no", join(dir, unit)], { encoding: "utf8" });
+        const got = spawnSync("systemd-analyze", ["verify", "--man=no", join(dir, unit)], {
+          encoding: "utf8",
+        });
         expect(got.stderr).toBe("");
         expect(got.status).toBe(0);
       } finally {
@@ -419,7 +525,8 @@ describe("examples", () => {
   );
 
   it("the Deno unit's --allow-net list is enough to serve, and nothing more is asked", async () => {
-    const exec = /^ExecStart=(.*)$/m.exec(readFileSync(join(EXAMPLES, "smtp521-deno.service"), "utf8"))![1];
+    const exec =
+      /^ExecStart=(.*)$/m.exec(readFileSync(join(EXAMPLES, "smtp521-deno.service"), "utf8"))![1];
     const allow = /--allow-net=(\S+)/.exec(exec)![1];
     const port = await freePort();
     const flags = allow.replaceAll(":25", `:${port}`);
@@ -436,7 +543,11 @@ describe("examples", () => {
     let stderr = "";
     server.stderr!.on("data", (chunk) => (stderr += chunk));
     try {
-      await until(() => stderr.includes("event=start") || server.exitCode !== null, 20_000, "the start line");
+      await until(
+        () => stderr.includes("event=start") || server.exitCode !== null,
+        20_000,
+        "the start line",
+      );
       expect((await talk(port, "QUIT\r\n")).text).toMatch(/^521 .*\r\n221 /);
       expect(stderr).not.toMatch(/NotCapable|PermissionDenied|error/);
     } finally {
@@ -461,7 +572,9 @@ describe("examples", () => {
       expect(got.text).toBe(greeting(NAME).repeat(2) + CLOSING);
       // The peer comes from the socket (Node, Deno) or from tcpserver's TCPREMOTEIP (Bun).
       expect(stderr).toMatch(
-        new RegExp(`event=session remote=127\\.0\\.0\\.1:\\d+ local_port=${port} .* lines=2 end=quit`),
+        new RegExp(
+          `event=session remote=127\\.0\\.0\\.1:\\d+ local_port=${port} .* lines=2 end=quit`,
+        ),
       );
     },
   );

@@ -19,18 +19,26 @@ const MB = 1024 * 1024;
  */
 const RSS_BOUND = { node: 20 * MB, deno: 30 * MB } as const;
 
-const rss = (pid: number) => Number(/VmRSS:\s+(\d+)/.exec(readFileSync(`/proc/${pid}/status`, "utf8"))![1]) * 1024;
+const rss = (pid: number) =>
+  Number(/VmRSS:\s+(\d+)/.exec(readFileSync(`/proc/${pid}/status`, "utf8"))![1]) * 1024;
 /** Bytes the process has read through read-like system calls, sockets included. */
-const bytesRead = (pid: number) => Number(/^rchar: (\d+)/m.exec(readFileSync(`/proc/${pid}/io`, "utf8"))![1]);
+const bytesRead = (pid: number) =>
+  Number(/^rchar: (\d+)/m.exec(readFileSync(`/proc/${pid}/io`, "utf8"))![1]);
 /** The descriptors the process holds open. */
 const descriptors = (pid: number) => readdirSync(`/proc/${pid}/fd`).length;
 const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
 
 /** Run `make` for 0..n-1, `batch` at a time (the listen backlog is finite). */
-async function inBatches<T>(n: number, batch: number, make: (i: number) => Promise<T>): Promise<T[]> {
+async function inBatches<T>(
+  n: number,
+  batch: number,
+  make: (i: number) => Promise<T>,
+): Promise<T[]> {
   const results: T[] = [];
   for (let i = 0; i < n; i += batch) {
-    results.push(...await Promise.all(Array.from({ length: Math.min(batch, n - i) }, (_, j) => make(i + j))));
+    results.push(
+      ...await Promise.all(Array.from({ length: Math.min(batch, n - i) }, (_, j) => make(i + j))),
+    );
   }
   return results;
 }
@@ -40,7 +48,9 @@ function open(port: number): Promise<{ socket: Socket; closed: Promise<number> }
   return new Promise((resolve, reject) => {
     const socket = connect({ host: "127.0.0.1", port });
     const begun = Date.now();
-    const closed = new Promise<number>((done) => socket.on("close", () => done(Date.now() - begun)));
+    const closed = new Promise<number>((done) =>
+      socket.on("close", () => done(Date.now() - begun))
+    );
     socket.on("error", () => {});
     socket.once("connect", () => resolve({ socket, closed }));
     setTimeout(() => reject(new Error("connect took over 5 s")), 5000).unref();
@@ -52,7 +62,9 @@ function open(port: number): Promise<{ socket: Socket; closed: Promise<number> }
  * The guard (15 s) is far past the server's 2 s time-out, so a lifetime near it means the server
  * never closed the connection.
  */
-async function slowloris({ socket, closed }: { socket: Socket; closed: Promise<number> }): Promise<number> {
+async function slowloris(
+  { socket, closed }: { socket: Socket; closed: Promise<number> },
+): Promise<number> {
   socket.resume();
   const drip = setInterval(() => socket.writable && socket.write("X"), 300);
   const guard = setTimeout(() => socket.destroy(), 15_000);
@@ -63,7 +75,10 @@ async function slowloris({ socket, closed }: { socket: Socket; closed: Promise<n
 }
 
 /** Send up to `total` bytes with no end of line, as fast as the server takes them. */
-async function longLine(port: number, total: number): Promise<{ sent: number; text: string; replyMs: number }> {
+async function longLine(
+  port: number,
+  total: number,
+): Promise<{ sent: number; text: string; replyMs: number }> {
   const { socket, closed } = await open(port);
   let text = "";
   let replyMs = -1;
@@ -79,7 +94,11 @@ async function longLine(port: number, total: number): Promise<{ sent: number; te
   while (open_ && sent < total) {
     sent += chunk.length;
     if (!socket.write(chunk)) {
-      await Promise.race([new Promise((resolve) => socket.once("drain", resolve)), closed, sleep(3000)]);
+      await Promise.race([
+        new Promise((resolve) => socket.once("drain", resolve)),
+        closed,
+        sleep(3000),
+      ]);
     }
   }
   socket.end();
@@ -115,86 +134,104 @@ async function settle(server: Running) {
 }
 
 describe.each(["node", "deno"] as const)("stress against the real file on %s", (runtime) => {
-  it("slowloris, a 100 MB line, a reset storm and non-readers: alive, and RSS grows < 20 MB (Deno: 30)", async () => {
-    const server = await start(runtime, [
-      "--hostname",
-      NAME,
-      "--timeout",
-      "2",
-      "--max-connections",
-      "1500",
-      "--max-per-ip",
-      "100000",
-    ]);
-    let sampler: ReturnType<typeof setInterval> | undefined;
-    try {
-      // Warm up with a little of each load, so that what follows measures growth, not start-up.
-      await inBatches(50, 10, () => talk(server.port, "QUIT\r\n"));
-      await Promise.all((await inBatches(100, 100, () => open(server.port))).map(slowloris));
-      await longLine(server.port, 16 * MB);
-      await resetStorm(server.port, 20);
-      await sleep(500);
-      const before = rss(server.child.pid!);
-      let peak = before;
-      sampler = setInterval(() => (peak = Math.max(peak, rss(server.child.pid!))), 100);
+  it(
+    "slowloris, a 100 MB line, a reset storm and non-readers: alive, and RSS grows < 20 MB (Deno: 30)",
+    async () => {
+      const server = await start(runtime, [
+        "--hostname",
+        NAME,
+        "--timeout",
+        "2",
+        "--max-connections",
+        "1500",
+        "--max-per-ip",
+        "100000",
+      ]);
+      let sampler: ReturnType<typeof setInterval> | undefined;
+      try {
+        // Warm up with a little of each load, so that what follows measures growth, not start-up.
+        await inBatches(50, 10, () => talk(server.port, "QUIT\r\n"));
+        await Promise.all((await inBatches(100, 100, () => open(server.port))).map(slowloris));
+        await longLine(server.port, 16 * MB);
+        await resetStorm(server.port, 20);
+        await sleep(500);
+        const before = rss(server.child.pid!);
+        let peak = before;
+        sampler = setInterval(() => (peak = Math.max(peak, rss(server.child.pid!))), 100);
 
-      const begun = Date.now();
-      const connected = await inBatches(1000, 250, () => open(server.port)); // all 1000 at once
-      const lives = await Promise.all(connected.map(slowloris));
-      const slowMs = Date.now() - begun;
-      const phases = [`slowloris ${((rss(server.child.pid!) - before) / MB).toFixed(1)}`];
-      // Every one closed by the server at its 2 s time-out: never before; at most 8 s after connecting
-      // (1000 connections at once on a busy machine), well short of the 15 s guard.
-      expect(Math.max(...lives)).toBeLessThan(8000);
-      expect(Math.min(...lives)).toBeGreaterThanOrEqual(1900);
+        const begun = Date.now();
+        const connected = await inBatches(1000, 250, () => open(server.port)); // all 1000 at once
+        const lives = await Promise.all(connected.map(slowloris));
+        const slowMs = Date.now() - begun;
+        const phases = [`slowloris ${((rss(server.child.pid!) - before) / MB).toFixed(1)}`];
+        // Every one closed by the server at its 2 s time-out: never before; at most 8 s after connecting
+        // (1000 connections at once on a busy machine), well short of the 15 s guard.
+        expect(Math.max(...lives)).toBeLessThan(8000);
+        expect(Math.min(...lives)).toBeGreaterThanOrEqual(1900);
 
-      const readBefore = bytesRead(server.child.pid!);
-      const line = await longLine(server.port, 100 * MB);
-      expect(line.text).toBe(greeting(NAME).repeat(2)); // greeting, then one 521 for the overlong line
-      // The server lingers 2 s reading, but discards at most 64 KB of a flood. Read in all: the chunk with the
-      // overlong line (64 KB), the 64 KB discarded, the chunk that crosses it and what node:net reads ahead
-      // into its buffer (64 KB); unbounded, it was 5-23 MB. rchar counts read(2), which Node uses for
-      // sockets; Deno uses recv(2), which rchar does not count, so there its RSS bound is the check.
-      const read = bytesRead(server.child.pid!) - readBefore;
-      if (runtime === "node") expect(read).toBeGreaterThan(1000); // the measure sees the line itself
-      if (runtime === "node") expect(read).toBeLessThan(512 * 1024);
-      await server.waitFor(/lines=0 end=too-long$/);
-      phases.push(`long line ${((rss(server.child.pid!) - before) / MB).toFixed(1)}`);
+        const readBefore = bytesRead(server.child.pid!);
+        const line = await longLine(server.port, 100 * MB);
+        expect(line.text).toBe(greeting(NAME).repeat(2)); // greeting, then one 521 for the overlong line
+        // The server lingers 2 s reading, but discards at most 64 KB of a flood. Read in all: the chunk with the
+        // overlong line (64 KB), the 64 KB discarded, the chunk that crosses it and what node:net reads ahead
+        // into its buffer (64 KB); unbounded, it was 5-23 MB. rchar counts read(2), which Node uses for
+        // sockets; Deno uses recv(2), which rchar does not count, so there its RSS bound is the check.
+        const read = bytesRead(server.child.pid!) - readBefore;
+        if (runtime === "node") expect(read).toBeGreaterThan(1000); // the measure sees the line itself
+        if (runtime === "node") expect(read).toBeLessThan(512 * 1024);
+        await server.waitFor(/lines=0 end=too-long$/);
+        phases.push(`long line ${((rss(server.child.pid!) - before) / MB).toFixed(1)}`);
 
-      await resetStorm(server.port, 200);
-      phases.push(`resets ${((rss(server.child.pid!) - before) / MB).toFixed(1)}`);
-      const readers = await inBatches(100, 100, () => nonReader(server.port, 1000));
-      // Answered up to --max-commands, lingered 2 s, closed: the server holds nothing for them.
-      await until(() => server.log.filter((l) => / lines=20 end=limit$/.test(l)).length === 100, 20_000, "100 limits");
-      const limited = server.log.filter((l) => / lines=20 end=limit$/.test(l));
-      // The 2 s linger bounds each; 3 s allows for a loaded machine's timers (a reader held open would reach 20 s).
-      expect(Math.max(...limited.map((l) => Number(/duration_ms=(\d+)/.exec(l)![1])))).toBeLessThan(3000);
-      for (const socket of readers) socket.destroy();
+        await resetStorm(server.port, 200);
+        phases.push(`resets ${((rss(server.child.pid!) - before) / MB).toFixed(1)}`);
+        const readers = await inBatches(100, 100, () => nonReader(server.port, 1000));
+        // Answered up to --max-commands, lingered 2 s, closed: the server holds nothing for them.
+        await until(
+          () => server.log.filter((l) => / lines=20 end=limit$/.test(l)).length === 100,
+          20_000,
+          "100 limits",
+        );
+        const limited = server.log.filter((l) => / lines=20 end=limit$/.test(l));
+        // The 2 s linger bounds each; 3 s allows for a loaded machine's timers (a reader held open would reach 20 s).
+        expect(Math.max(...limited.map((l) => Number(/duration_ms=(\d+)/.exec(l)![1]))))
+          .toBeLessThan(3000);
+        for (const socket of readers) socket.destroy();
 
-      await settle(server);
-      await sleep(500); // a measurement, not a wait for an event: let the runtime return what it freed
-      const after = rss(server.child.pid!);
-      console.error(
-        `stress ${runtime}: 1000 slowloris closed in ${Math.min(...lives)}-${
-          Math.max(...lives)
-        } ms (all in ${slowMs} ms); ` +
-          `100 MB line: ${(line.sent / MB).toFixed(0)} MB sent, ${
-            (read / 1024).toFixed(0)
-          } KB read, 521 after ${line.replyMs} ms; ` +
-          `RSS ${(before / MB).toFixed(1)} -> peak ${(peak / MB).toFixed(1)} -> ${(after / MB).toFixed(1)} MB; ` +
-          `growth after each phase (MB): ${phases.join(", ")}`,
-      );
-      expect(after - before).toBeLessThan(RSS_BOUND[runtime]);
-    } finally {
-      clearInterval(sampler);
-      expect(await server.stop()).toBe(0);
-    }
-  }, 30_000);
+        await settle(server);
+        await sleep(500); // a measurement, not a wait for an event: let the runtime return what it freed
+        const after = rss(server.child.pid!);
+        console.error(
+          `stress ${runtime}: 1000 slowloris closed in ${Math.min(...lives)}-${
+            Math.max(...lives)
+          } ms (all in ${slowMs} ms); ` +
+            `100 MB line: ${(line.sent / MB).toFixed(0)} MB sent, ${
+              (read / 1024).toFixed(0)
+            } KB read, 521 after ${line.replyMs} ms; ` +
+            `RSS ${(before / MB).toFixed(1)} -> peak ${(peak / MB).toFixed(1)} -> ${
+              (after / MB).toFixed(1)
+            } MB; ` +
+            `growth after each phase (MB): ${phases.join(", ")}`,
+        );
+        expect(after - before).toBeLessThan(RSS_BOUND[runtime]);
+      } finally {
+        clearInterval(sampler);
+        expect(await server.stop()).toBe(0);
+      }
+    },
+    30_000,
+  );
 
   it(
     "2000 connections against --max-connections 100: every one reads a 521, RSS grows < 20 MB (Deno: 30)",
     async () => {
-      const server = await start(runtime, ["--hostname", NAME, "--max-connections", "100", "--max-per-ip", "100000"]);
+      const server = await start(runtime, [
+        "--hostname",
+        NAME,
+        "--max-connections",
+        "100",
+        "--max-per-ip",
+        "100000",
+      ]);
       try {
         await inBatches(200, 50, () => talk(server.port, "QUIT\r\n")); // warm up, below the limit
         const sessions = () => server.log.filter((l) => l.includes("event=session")).length;
@@ -218,10 +255,16 @@ describe.each(["node", "deno"] as const)("stress against the real file on %s", (
         const begun = Date.now();
         const clients = await inBatches(2000, 250, () => talk(server.port, "", { ms: 15_000 }));
         const ms = Date.now() - begun;
-        expect(clients.filter((c) => c.text === greeting(NAME) && c.ending === "fin").length).toBe(2000);
+        expect(clients.filter((c) => c.text === greeting(NAME) && c.ending === "fin").length).toBe(
+          2000,
+        );
         for (const socket of holders) socket.destroy();
         // Every socket of the flood and the holders closed: the server holds as many descriptors as before them.
-        await until(() => descriptors(server.child.pid!) <= fdsBefore, 20_000, "the server to close every socket");
+        await until(
+          () => descriptors(server.child.pid!) <= fdsBefore,
+          20_000,
+          "the server to close every socket",
+        );
         await settle(server);
         await sleep(500); // a measurement, not a wait for an event: let the runtime return what it freed
         const after = rss(server.child.pid!);
