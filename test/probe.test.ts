@@ -10,7 +10,7 @@ import { createSocket } from "node:dgram";
 import { createServer, type Server, type Socket } from "node:net";
 import { join } from "node:path";
 import { afterEach, describe, expect, it } from "vitest";
-import { BIN, ROOT, run, type Runtime, start } from "./helpers.ts";
+import { BIN, ROOT, run, type Runtime, RUNTIMES, start } from "./helpers.ts";
 
 const NAME = "mx.example";
 const DOMAIN = "nomail.example";
@@ -733,4 +733,18 @@ describe("probe.ts on deno, with --allow-net alone", () => {
     expect({ code, stdout }).toEqual({ code: 2, stdout: "" });
     expect(stderr).toMatch(/^probe\.ts: --domain: Deno may not read \/etc\/resolv\.conf .*--res/);
   });
+});
+
+// The server file holds no client code: its old probe verb points here.
+describe("smtp521.ts probe", () => {
+  it.each(["node", "deno", "bun"] as const)(
+    "on %s exits 2 with one line pointing to probe.ts",
+    async (runtime) => {
+      const [command, ...args] = RUNTIMES[runtime];
+      const got = await run(command, [...args, "probe", "mx.example"]);
+      expect(got).toMatchObject({ code: 2, stdout: "" });
+      expect(got.stderr).toMatch(/^smtp521: probe: .*probe\.ts.*\n$/);
+      expect(got.stderr.trimEnd().split("\n")).toHaveLength(1);
+    },
+  );
 });
