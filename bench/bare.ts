@@ -39,7 +39,13 @@ interface Session {
 }
 
 function open(remote: () => string): Session {
-  return { head: "", remote: FLOOR ? remote() : "", started: FLOOR ? Date.now() : 0, lines: 0, end: "client-closed" };
+  return {
+    head: "",
+    remote: FLOOR ? remote() : "",
+    started: FLOOR ? Date.now() : 0,
+    lines: 0,
+    end: "client-closed",
+  };
 }
 
 /** Whether the chunk ended the session with QUIT; `reply` is called once per other line. */
@@ -53,7 +59,9 @@ function scan(session: Session, chunk: Buffer, reply: () => void): boolean {
     if (/^quit\r?$/i.test(line)) return (session.end = "quit"), true;
     reply();
   }
-  if (session.head.length < HEAD) session.head += chunk.toString("latin1", start, Math.min(chunk.length, start + HEAD));
+  if (session.head.length < HEAD) {
+    session.head += chunk.toString("latin1", start, Math.min(chunk.length, start + HEAD));
+  }
   return false;
 }
 
@@ -71,8 +79,13 @@ function logged(session: Session, localPort: number): void {
     prefix = new Date(second * 1000).toISOString().slice(0, 20);
   }
   if (!pending) setTimeout(flush, 50);
-  pending += `time=${prefix}${String(now % 1000).padStart(3, "0")}Z event=session remote=${session.remote} ` +
-    `local_port=${localPort} mode=greet duration_ms=${now - session.started} lines=${session.lines} ` +
+  pending +=
+    `time=${prefix}${
+      String(now % 1000).padStart(3, "0")
+    }Z event=session remote=${session.remote} ` +
+    `local_port=${localPort} mode=greet duration_ms=${
+      now - session.started
+    } lines=${session.lines} ` +
     `end=${session.end}\n`;
 }
 
@@ -84,7 +97,9 @@ function announce(transport: string, address: string, boundPort: number): void {
     ? `bun/${global.Bun.version}`
     : `node/${process.versions.node}`;
   process.stderr.write(
-    `time=${new Date().toISOString()} event=start runtime=${runtime} impl=${transport}${FLOOR ? "+floor" : ""} ` +
+    `time=${new Date().toISOString()} event=start runtime=${runtime} impl=${transport}${
+      FLOOR ? "+floor" : ""
+    } ` +
       `listen=${address}:${boundPort} pid=${process.pid}\n`,
   );
 }
@@ -115,7 +130,9 @@ interface DenoConn {
   close(): void;
 }
 interface DenoApi {
-  listen(options: { hostname: string; port: number }): AsyncIterable<DenoConn> & { addr: { port: number } };
+  listen(
+    options: { hostname: string; port: number },
+  ): AsyncIterable<DenoConn> & { addr: { port: number } };
 }
 
 async function writeAll(conn: DenoConn, bytes: Uint8Array): Promise<void> {

@@ -22,10 +22,25 @@ export interface Script {
 }
 
 export type Job =
-  | { kind: "sessions"; port: number; script: Script; concurrency: number; startAt: number; ms: number }
+  | {
+    kind: "sessions";
+    port: number;
+    script: Script;
+    concurrency: number;
+    startAt: number;
+    ms: number;
+  }
   | { kind: "hold"; port: number; count: number }
   | { kind: "release" }
-  | { kind: "hostile"; port: number; count: number; dripMs: number; lifeMs: number; lineBytes: number; lineMs: number }
+  | {
+    kind: "hostile";
+    port: number;
+    count: number;
+    dripMs: number;
+    lifeMs: number;
+    lineBytes: number;
+    lineMs: number;
+  }
   | { kind: "exit" };
 
 export interface SessionsResult {
@@ -120,9 +135,14 @@ async function hostile(job: Extract<Job, { kind: "hostile" }>) {
   let closedByServer = 0;
   let stopping = false;
   const lives = sockets.map((socket) =>
-    new Promise<void>((resolve) => socket.once("close", () => (stopping || closedByServer++, resolve())))
+    new Promise<void>((resolve) =>
+      socket.once("close", () => (stopping || closedByServer++, resolve()))
+    )
   );
-  const drip = setInterval(() => sockets.forEach((socket) => socket.writable && socket.write("X")), job.dripMs);
+  const drip = setInterval(
+    () => sockets.forEach((socket) => socket.writable && socket.write("X")),
+    job.dripMs,
+  );
   let sent = 0;
   if (job.lineBytes > 0) {
     const [line] = await openMany(job.port, 1);
@@ -132,7 +152,9 @@ async function hostile(job: Extract<Job, { kind: "hostile" }>) {
     const until = Date.now() + job.lineMs;
     while (!line.destroyed && sent < job.lineBytes && Date.now() < until) {
       sent += chunk.length;
-      if (!line.write(chunk)) await Promise.race([new Promise((r) => line.once("drain", r)), closed, expired]);
+      if (!line.write(chunk)) {
+        await Promise.race([new Promise((r) => line.once("drain", r)), closed, expired]);
+      }
     }
     line.destroy();
   }

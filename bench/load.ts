@@ -33,7 +33,9 @@ export function command(runtime: Runtime, flags: readonly string[] = []): string
 /** A server's file and arguments: smtp521 (`product`) as in production, limits out of the load's way, plus `extra`. */
 export function serverFile(impl: Impl, product: string, extra: readonly string[] = []): string[] {
   const common = ["--listen", "127.0.0.1:0", "--hostname", NAME, ...extra];
-  if (impl === "smtp521") return [product, ...common, "--max-per-ip", "100000", "--max-connections", "100000"];
+  if (impl === "smtp521") {
+    return [product, ...common, "--max-per-ip", "100000", "--max-connections", "100000"];
+  }
   return [join(ROOT, "bench", "bare.ts"), ...common, ...(impl === "baseline" ? [] : ["--floor"])];
 }
 
@@ -42,7 +44,10 @@ let serverCpu: string | null = null;
 
 function pin(pid: number, cpu: string): boolean {
   try {
-    execFileSync("taskset", ["-a", "-p", "-c", cpu, String(pid)], { stdio: "ignore", timeout: 5000 });
+    execFileSync("taskset", ["-a", "-p", "-c", cpu, String(pid)], {
+      stdio: "ignore",
+      timeout: 5000,
+    });
     return true;
   } catch {
     return false;
@@ -58,15 +63,27 @@ export interface Server {
 }
 
 /** Start `args` on `runtime` with stderr in `logFile`; resolve once its start line names its port (at most 15 s). */
-export async function startServer(runtime: Runtime, args: string[], logFile: string, flags: string[] = []) {
-  const [program, ...rest] = [...(serverCpu ? ["taskset", "-c", serverCpu] : []), ...command(runtime, flags), ...args];
+export async function startServer(
+  runtime: Runtime,
+  args: string[],
+  logFile: string,
+  flags: string[] = [],
+) {
+  const [program, ...rest] = [
+    ...(serverCpu ? ["taskset", "-c", serverCpu] : []),
+    ...command(runtime, flags),
+    ...args,
+  ];
   const log = openSync(logFile, "w");
   const spawned = performance.now();
   const child = spawn(program, rest, { cwd: ROOT, stdio: ["ignore", "ignore", log] });
   closeSync(log);
   const exited = new Promise<void>((resolve) => child.once("exit", () => resolve()));
   let port = 0;
-  for (const deadline = Date.now() + 15_000; !port && Date.now() < deadline && child.exitCode === null;) {
+  for (
+    const deadline = Date.now() + 15_000;
+    !port && Date.now() < deadline && child.exitCode === null;
+  ) {
     await sleep(2);
     port = Number(/ event=start .* listen=\S*:(\d+)/.exec(readFileSync(logFile, "utf8"))?.[1] ?? 0);
   }
@@ -78,7 +95,11 @@ export async function startServer(runtime: Runtime, args: string[], logFile: str
     await exited;
   };
   if (!port) await stop();
-  if (!port) throw new Error(`no start line from ${child.spawnargs.join(" ")}:\n${readFileSync(logFile, "utf8")}`);
+  if (!port) {
+    throw new Error(
+      `no start line from ${child.spawnargs.join(" ")}:\n${readFileSync(logFile, "utf8")}`,
+    );
+  }
   return { pid: child.pid!, port, startMs, stop } satisfies Server;
 }
 
@@ -100,9 +121,12 @@ function cpuSeconds(pid: number): number {
 }
 
 export function machine(): string {
-  const os = /PRETTY_NAME="([^"]+)"/.exec(readFileSync("/etc/os-release", "utf8"))?.[1] ?? "unknown OS";
+  const os = /PRETTY_NAME="([^"]+)"/.exec(readFileSync("/etc/os-release", "utf8"))?.[1] ??
+    "unknown OS";
   const kernel = readFileSync("/proc/sys/kernel/osrelease", "utf8").trim();
-  return `${cpus()[0]?.model}, ${cpus().length} cores, ${(totalmem() / 2 ** 30).toFixed(1)} GiB RAM; ${os}, ` +
+  return `${cpus()[0]?.model}, ${cpus().length} cores, ${
+    (totalmem() / 2 ** 30).toFixed(1)
+  } GiB RAM; ${os}, ` +
     `Linux ${kernel}`;
 }
 
@@ -119,16 +143,26 @@ export function startPool(size: number, pinned: boolean): Pool {
   let nextId = 1;
   const waiting = new Map<number, (reply: { result?: unknown; error?: string }) => void>();
   const children: ChildProcess[] = Array.from({ length: size }, () => {
-    const child = fork(join(ROOT, "bench", "client.ts"), [], { execPath: join(BIN, "node"), stdio: "inherit" });
-    child.on("message", (reply: { id: number; result?: unknown; error?: string }) => waiting.get(reply.id)?.(reply));
+    const child = fork(join(ROOT, "bench", "client.ts"), [], {
+      execPath: join(BIN, "node"),
+      stdio: "inherit",
+    });
+    child.on(
+      "message",
+      (reply: { id: number; result?: unknown; error?: string }) => waiting.get(reply.id)?.(reply),
+    );
     return child;
   });
-  pinned &&= cpus().length > 1 && [process.pid, ...children.map((c) => c.pid!)].every((pid) => pin(pid, "0"));
+  pinned &&= cpus().length > 1 &&
+    [process.pid, ...children.map((c) => c.pid!)].every((pid) => pin(pid, "0"));
   if (pinned) serverCpu = String(cpus().length - 1);
   const ask = <T>(i: number, job: Job) =>
     new Promise<T>((resolve, reject) => {
       const id = nextId++;
-      const timer = setTimeout(() => reject(new Error(`client: no answer to ${job.kind} in 60 s`)), 60_000);
+      const timer = setTimeout(
+        () => reject(new Error(`client: no answer to ${job.kind} in 60 s`)),
+        60_000,
+      );
       waiting.set(id, ({ result, error }) => {
         clearTimeout(timer);
         waiting.delete(id);
@@ -149,7 +183,8 @@ export function startPool(size: number, pinned: boolean): Pool {
 
 /** `total` split as evenly as possible over `parts`, dropping empty shares. */
 const split = (total: number, parts: number) =>
-  Array.from({ length: parts }, (_, i) => Math.floor(total / parts) + (i < total % parts ? 1 : 0)).filter((n) => n);
+  Array.from({ length: parts }, (_, i) => Math.floor(total / parts) + (i < total % parts ? 1 : 0))
+    .filter((n) => n);
 
 export interface Rate {
   sessionsPerS: number;
@@ -170,10 +205,23 @@ export const GREET: Script = {
 };
 
 /** `concurrency` clients doing whole sessions for `ms`, spread over the pool; they start together after 150 ms. */
-export async function measureRate(pool: Pool, server: Server, concurrency: number, ms: number, script = GREET) {
+export async function measureRate(
+  pool: Pool,
+  server: Server,
+  concurrency: number,
+  ms: number,
+  script = GREET,
+) {
   const startAt = Date.now() + 150;
   const asked = split(concurrency, pool.size).map((share, i) =>
-    pool.ask<SessionsResult>(i, { kind: "sessions", port: server.port, script, concurrency: share, startAt, ms })
+    pool.ask<SessionsResult>(i, {
+      kind: "sessions",
+      port: server.port,
+      script,
+      concurrency: share,
+      startAt,
+      ms,
+    })
   );
   await sleep(startAt - Date.now());
   const cpu0 = cpuSeconds(server.pid);
@@ -181,7 +229,8 @@ export async function measureRate(pool: Pool, server: Server, concurrency: numbe
   const serverCpu = (cpuSeconds(server.pid) - cpu0) / (ms / 1000);
   const results = await Promise.all(asked);
   const latencies = results.flatMap((r) => r.latencies).sort((a, b) => a - b);
-  const percentile = (p: number) => latencies[Math.min(latencies.length - 1, Math.ceil(p * latencies.length) - 1)];
+  const percentile = (p: number) =>
+    latencies[Math.min(latencies.length - 1, Math.ceil(p * latencies.length) - 1)];
   return {
     sessionsPerS: latencies.length / (ms / 1000),
     failures: results.reduce((sum, r) => sum + r.failures, 0),
@@ -237,10 +286,19 @@ export interface Hostile {
   clients: { connected: number; closedByServer: number; lineSent: number }[];
 }
 
-export type HostileLoad = Pick<Extract<Job, { kind: "hostile" }>, "dripMs" | "lifeMs" | "lineBytes" | "lineMs">;
+export type HostileLoad = Pick<
+  Extract<Job, { kind: "hostile" }>,
+  "dripMs" | "lifeMs" | "lineBytes" | "lineMs"
+>;
 
 /** Slowloris connections across the pool plus one long line, while RSS is sampled every 50 ms. */
-export async function measureHostile(pool: Pool, server: Server, count: number, load: HostileLoad, samples: number) {
+export async function measureHostile(
+  pool: Pool,
+  server: Server,
+  count: number,
+  load: HostileLoad,
+  samples: number,
+) {
   const idle = await settledRss(server.pid, samples);
   let peak = idle;
   const sampler = setInterval(() => (peak = Math.max(peak, rss(server.pid))), 50);

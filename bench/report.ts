@@ -77,7 +77,10 @@ export function figures(concurrencies: readonly number[], hold: number): Figure[
     ...rate("load generator CPU, cores", (r) => r.clientCpu),
     held("idle RSS MB (fresh process)", (h) => h.idle / MB),
     held(`RSS MB, ${hold} idle connections held`, (h) => h.steps[0].rss / MB),
-    held(`RSS per held connection KB, first ${hold}`, (h) => (h.steps[0].rss - h.idle) / h.steps[0].held / KB),
+    held(
+      `RSS per held connection KB, first ${hold}`,
+      (h) => (h.steps[0].rss - h.idle) / h.steps[0].held / KB,
+    ),
     held(`RSS per held connection KB, next ${hold} (marginal)`, (h) => marginal(h) / KB),
     hostile("hostile: RSS MB before", (h) => h.idle / MB),
     hostile("hostile: peak - before, MB", (h) => (h.peak - h.idle) / MB),
@@ -96,23 +99,24 @@ export const median = (values: readonly number[]) => {
 };
 
 /** A figure's values for one server, in repeat order. */
-function series(samples: readonly Sample[], runtime: Runtime, impl: Impl, figure: Figure): number[] {
-  return samples.filter((s) => s.runtime === runtime && s.impl === impl).sort((a, b) => a.repeat - b.repeat)
-    .map(figure.get).filter((v): v is number => v !== undefined);
+function series(samples: readonly Sample[], runtime: Runtime, impl: Impl, figure: Figure) {
+  const mine = samples.filter((s) => s.runtime === runtime && s.impl === impl);
+  return mine.sort((a, b) => a.repeat - b.repeat).map(figure.get).filter((v) => v !== undefined);
 }
 
 /** `impl / against` repeat by repeat: the two ran back to back, so drift cancels. */
-function ratios(samples: readonly Sample[], runtime: Runtime, impl: Impl, against: Impl, figure: Figure) {
-  const theirs = series(samples, runtime, against, figure);
-  return series(samples, runtime, impl, figure).slice(0, theirs.length).map((value, i) => value / theirs[i]);
+function ratios(samples: readonly Sample[], runtime: Runtime, impl: Impl, figure: Figure) {
+  const theirs = series(samples, runtime, "floor", figure);
+  return series(samples, runtime, impl, figure).slice(0, theirs.length).map((v, i) =>
+    v / theirs[i]
+  );
 }
 
 /** Enough digits to compare, not more. */
-export function num(value: number): string {
-  const abs = Math.abs(value);
-  if (!Number.isFinite(value)) return String(value);
-  return abs >= 100 ? value.toFixed(0) : abs >= 10 ? value.toFixed(1) : abs >= 1 ? value.toFixed(2) : value.toFixed(3);
-}
+export const num = (value: number) =>
+  value.toFixed(
+    Math.min(3, Math.max(0, 2 - Math.floor(Math.log10(Math.max(Math.abs(value), 1e-3))))),
+  );
 
 const cell = (values: readonly number[]) =>
   !values.length
@@ -124,19 +128,19 @@ const x = (ratio: number) => `${ratio.toFixed(2)}x`;
 const row = (cells: readonly string[]) => `| ${cells.join(" | ")} |`;
 const table = (head: readonly string[], rows: readonly (readonly string[])[]) =>
   [row(head), row(head.map(() => "---")), ...rows.map(row)].join("\n");
-const verdict = (pass: boolean) => (pass ? "**PASS**" : "**MISS**");
 
 /** The speed of smtp521 and of the control against the floor, at each concurrency; the verdict is on CPU. */
 function speed(samples: readonly Sample[], runtime: Runtime, all: Figure[], c: number) {
   const by = (label: string) => all.find((f) => f.label === `${label}, ${c} clients`)!;
   const pair = (label: string) => {
-    const mine = median(ratios(samples, runtime, "smtp521", "floor", by(label)));
-    const control = ratios(samples, runtime, "control", "floor", by(label));
+    const mine = median(ratios(samples, runtime, "smtp521", by(label)));
+    const control = ratios(samples, runtime, "control", by(label));
     const [low, high] = [Math.min(1, ...control), Math.max(1, ...control)];
-    const reading = mine >= low && mine <= high ? "within noise" : mine > high ? "above the control" : "below";
-    return { mine, low, high, reading, text: `${x(mine)} (control ${low.toFixed(2)}–${high.toFixed(2)})` };
+    const reading = mine >= low && mine <= high ? "within noise" : mine > high ? "higher" : "lower";
+    return { mine, reading, text: `${x(mine)} (control ${low.toFixed(2)}–${high.toFixed(2)})` };
   };
-  return { cpu: pair("server CPU µs per session"), rate: pair("sessions/s"), p99: pair("greeting p99 ms") };
+  const [cpu, rate, p99] = ["server CPU µs per session", "sessions/s", "greeting p99 ms"].map(pair);
+  return { cpu, rate, p99 };
 }
 
 /** The worst adversarial shape against each NOOP, on medians over the rounds. */
@@ -154,24 +158,42 @@ export function markdown(
 ): string {
   const { config, runtimes } = context;
   const all = figures(config.concurrencies, config.hold);
-  const has = (runtime: Runtime, impl: Impl, figure: Figure) => series(samples, runtime, impl, figure).length > 0;
+  const has = (runtime: Runtime, impl: Impl, figure: Figure) =>
+    series(samples, runtime, impl, figure).length > 0;
+  const c = config;
   const out: string[] = [
-    `# smtp521 benchmark results${context.smoke ? " (SMOKE RUN: tiny counts, figures meaningless)" : ""}`,
-    `\`${context.command}\` (\`npm run bench\`), ${context.date}, ${(context.wallS / 60).toFixed(1)} min; load ` +
-    `average (1 min) ${context.load[0].toFixed(2)} before, ${context.load[1].toFixed(2)} after. What each server and ` +
-    `figure is: [README.md](README.md); how the bench came to be and what was changed for the targets: ` +
-    `[HISTORY.md](HISTORY.md).`,
-    `- Machine: ${context.machine}`,
-    `- Runtimes: ${runtimes.map((r) => `${r} ${context.versions[r]}`).join(", ")}; load generator: ` +
-    `bench/client.ts on Node ${context.versions.node}, ${config.processes} processes; ` +
-    (context.pinned ? "load generator pinned to CPU 0, servers to CPU 1" : "NOT PINNED: servers and load share cores"),
-    `- Product: ${context.product}`,
-    `- Settings: ${config.repeats} repeats; rate: ${config.rateWarmMs / 1000} s warm-up, then at ` +
-    `${config.concurrencies.join(", ")} clients ${config.warmMs / 1000} s unmeasured and ${config.rateMs / 1000} s ` +
-    `measured; memory: ${config.hold} then ${2 * config.hold} idle connections on a fresh process; hostile: ` +
-    `${config.slowloris} slowloris + a ${config.lineBytes / MB} MB line, \`--timeout ${config.timeoutS}\`; lines: ` +
-    `${config.lineRounds} rounds of ${config.lineWindowMs / 1000} s per shape at 4 clients; small hosts: ` +
-    `${config.starts} starts, ${config.smallHold} connections held`,
+    `# smtp521 benchmark results${context.smoke ? " (SMOKE RUN: tiny counts, meaningless)" : ""}`,
+    [
+      `\`${context.command}\` (\`npm run bench\`), ${context.date}, ${
+        (context.wallS / 60).toFixed(1)
+      }`,
+      `min; load average (1 min) ${context.load[0].toFixed(2)} before, ${
+        context.load[1].toFixed(2)
+      }`,
+      "after. What each server and figure is: [README.md](README.md); how the bench came to be and",
+      "what was changed for the targets: [HISTORY.md](HISTORY.md).",
+    ].join(" "),
+    [
+      `- Machine: ${context.machine}`,
+      `- Runtimes: ${
+        runtimes.map((r) => `${r} ${context.versions[r]}`).join(", ")
+      }; load generator:`,
+      `bench/client.ts on Node ${context.versions.node}, ${c.processes} processes;`,
+      context.pinned
+        ? "pinned to CPU 0, servers to CPU 1"
+        : "NOT PINNED: servers and load share cores",
+      `\n- Product: ${context.product}`,
+      `\n- Settings: ${c.repeats} repeats; speed: ${c.rateWarmMs / 1000} s warm-up, then at`,
+      `${c.concurrencies.join(", ")} clients ${c.warmMs / 1000} s unmeasured, ${c.rateMs / 1000} s`,
+      `measured; memory: ${c.hold} then ${
+        2 * c.hold
+      } idle connections on a fresh process; hostile:`,
+      `${c.slowloris} slowloris + a ${
+        c.lineBytes / MB
+      } MB line, \`--timeout ${c.timeoutS}\`; lines:`,
+      `${c.lineRounds} rounds of ${c.lineWindowMs / 1000} s per shape at 4 clients; small hosts:`,
+      `${c.starts} starts, ${c.smallHold} connections held`,
+    ].join(" "),
   ];
 
   const targetRows = runtimes.map((runtime) => {
@@ -187,35 +209,49 @@ export function markdown(
       hostile: Number.isFinite(growth) ? growth <= 15 : null,
       lines: line ? line.long <= 2 : null,
     };
-    const judged = (pass: boolean | null, text: string) => (pass === null ? "-" : `${verdict(pass)} ${text}`);
+    const judged = (pass: boolean | null, text: string) =>
+      pass === null ? "-" : `${pass ? "**PASS**" : "**MISS**"} ${text}`;
     return [
       runtime,
       judged(v.cpu, cpu.map((r) => `${x(r.mine)}@${r.c}`).join(", ")),
       judged(
         v.perConn,
-        `${num(perConn("smtp521"))} vs ${num(perConn("baseline"))} KB (${extra >= 0 ? "+" : ""}${num(extra)})`,
+        `${num(perConn("smtp521"))} vs ${num(perConn("baseline"))} KB (${extra >= 0 ? "+" : ""}${
+          num(extra)
+        })`,
       ),
       judged(v.hostile, `+${num(growth)} MB`),
-      judged(v.lines, line ? `${x(line.long)} (${x(line.short)} the 4-octet NOOP; ${line.worst.name})` : ""),
+      judged(
+        v.lines,
+        line ? `${x(line.long)} (${x(line.short)} the 4-octet NOOP; ${line.worst.name})` : "",
+      ),
     ];
   });
   out.push(
     "## Targets",
-    table([
-      "runtime",
-      "server CPU per session, smtp521 / floor <= 1.10x",
-      "RSS per held connection <= bare + 2 KB",
-      "hostile peak <= idle + 15 MB",
-      "worst 1000-octet line / 1000-octet NOOP <= 2x",
-    ], targetRows),
-    "Beside the target, smtp521 / floor (median over the repeats) and, in brackets, the range of control / floor " +
-      '(with 1): a ratio inside it reads "within noise".',
     table(
-      ["runtime", "clients", "server CPU per session", "sessions/s", "reading", "greeting p99", "reading"],
+      [
+        "runtime|server CPU per session, smtp521 / floor <= 1.10x|RSS per held connection <= bare",
+        "+ 2 KB|hostile peak <= idle + 15 MB|worst 1000-octet line / 1000-octet NOOP <= 2x",
+      ].join(" ").split("|"),
+      targetRows,
+    ),
+    "Beside the target, smtp521 / floor (median over the repeats) and, in brackets, the range of control / floor " +
+      '(with 1): a ratio inside it reads "within noise", outside it "higher" or "lower" than the control.',
+    table(
+      "runtime|clients|server CPU per session|sessions/s|reading|greeting p99|reading".split("|"),
       runtimes.flatMap((runtime) =>
         config.concurrencies.map((c) => {
           const s = speed(samples, runtime, all, c);
-          return [runtime, String(c), s.cpu.text, s.rate.text, s.rate.reading, s.p99.text, s.p99.reading];
+          return [
+            runtime,
+            String(c),
+            s.cpu.text,
+            s.rate.text,
+            s.rate.reading,
+            s.p99.text,
+            s.p99.reading,
+          ];
         })
       ),
     ),
@@ -261,24 +297,14 @@ export function markdown(
     out.push(
       "## Small hosts: smtp521 with runtime flags",
       table(
-        [
-          "runtime",
-          "flags",
-          "start-up ms",
-          "idle RSS MB",
-          "RSS MB after 16 clients",
-          `RSS MB, ${config.smallHold} held`,
-          "CPU µs per session",
-          "failed",
-        ],
+        `runtime|flags|start-up ms|idle RSS MB|RSS MB after 16 clients|RSS MB, ${config.smallHold} held|CPU µs per session|failed`
+          .split("|"),
         smallRuntimes.flatMap((runtime) =>
           small[runtime]!.map((v) => [
             runtime,
             v.flags.length ? `\`${v.flags.join(" ")}\`` : "(none)",
             cell(v.startMs),
-            num(v.idle / MB),
-            num(v.served / MB),
-            num(v.held / MB),
+            ...[v.idle, v.served, v.held].map((bytes) => num(bytes / MB)),
             num((1e6 * v.rate.serverCpu) / v.rate.sessionsPerS),
             String(v.rate.failures),
           ])

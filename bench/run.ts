@@ -20,8 +20,7 @@ import { join, resolve } from "node:path";
 import process from "node:process";
 import { parseArgs } from "node:util";
 import type { Script } from "./client.ts";
-import { BIN, command, IMPLS, machine, measureHeld, measureHostile, measureRate, NAME, PRODUCT, ROOT } from "./load.ts";
-import { RUNTIMES, serverFile, settledRss, startPool, startServer } from "./load.ts";
+import * as load from "./load.ts";
 import type { Impl, Pool, Runtime, Server } from "./load.ts";
 import { markdown } from "./report.ts";
 import type { Context, Line, Sample, Small } from "./report.ts";
@@ -79,12 +78,24 @@ export const SMOKE: Config = {
 };
 
 /** The runtime flags tried for a small host (bench/README.md); the first of each runtime is none. */
-export const VARIANTS: Record<Runtime, string[][]> = {
-  node: [[], ["--max-semi-space-size=1"], ["--max-semi-space-size=1", "--single-threaded-gc", "--v8-pool-size=0"]],
-  deno: [[], ["--v8-flags=--max-semi-space-size=1"], ["--v8-flags=--max-semi-space-size=1,--single-threaded-gc"]],
-  bun: [[], ["--smol"]],
-};
-
+export const VARIANTS = Object.fromEntries(
+  Object.entries({
+    node: [
+      "",
+      "--max-semi-space-size=1",
+      "--max-semi-space-size=1 --single-threaded-gc --v8-pool-size=0",
+    ],
+    deno: [
+      "",
+      "--v8-flags=--max-semi-space-size=1",
+      "--v8-flags=--max-semi-space-size=1,--single-threaded-gc",
+    ],
+    bun: ["", "--smol"],
+  }).map(([runtime, list]) => [runtime, list.map((flags) => flags.split(" ").filter(Boolean))]),
+) as Record<
+  Runtime,
+  string[][]
+>;
 const cut = (line: string) => line.slice(0, 998);
 const a = (n: number) => "a".repeat(n);
 
@@ -104,7 +115,10 @@ export const SHAPES: [string, string][] = [
   ["RCPT TO:< + \\", cut(`RCPT TO:<${"\\".repeat(990)}`)],
   ["RCPT TO:<u@ + a. x 490 + >", cut(`RCPT TO:<u@${"a.".repeat(490)}>`)],
   ["RCPT TO:<u@a + - x 970 + >", cut(`RCPT TO:<u@a${"-".repeat(970)}>`)],
-  ["RCPT TO:<u@ + a valid 253-octet domain + >", `RCPT TO:<u@${[a(63), a(63), a(63), a(61)].join(".")}>`],
+  [
+    "RCPT TO:<u@ + a valid 253-octet domain + >",
+    `RCPT TO:<u@${[a(63), a(63), a(63), a(61)].join(".")}>`,
+  ],
   [
     "RCPT TO: + a 256-octet path + parameters",
     cut(`RCPT TO:<u@${[a(63), a(63), a(63), a(60)].join(".")}> ${"X-P=v ".repeat(130)}`),
@@ -117,7 +131,9 @@ const PHASES = ["rate", "memory", "hostile", "lines", "small"] as const;
 
 const begun = Date.now();
 const progress = (text: string) =>
-  process.stderr.write(`bench ${((Date.now() - begun) / 1000).toFixed(0).padStart(4)} s: ${text}\n`);
+  process.stderr.write(
+    `bench ${((Date.now() - begun) / 1000).toFixed(0).padStart(4)} s: ${text}\n`,
+  );
 const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
 
 interface Where {
@@ -136,7 +152,12 @@ async function withServer<T>(
   body: (s: Server) => Promise<T>,
   flags: string[] = [],
 ) {
-  const server = await startServer(w.runtime, args, join(w.logs, `${w.runtime}-${name}.log`), flags);
+  const server = await load.startServer(
+    w.runtime,
+    args,
+    join(w.logs, `${w.runtime}-${name}.log`),
+    flags,
+  );
   try {
     return await body(server);
   } finally {
@@ -146,12 +167,12 @@ async function withServer<T>(
 
 /** Speed at each concurrency, after a warm-up; each window after unmeasured load of its own. */
 function ratePhase(w: Where, impl: Impl) {
-  return withServer(w, `${impl}-rate`, serverFile(impl, w.product), async (server) => {
-    await measureRate(w.pool, server, 16, w.config.rateWarmMs);
+  return withServer(w, `${impl}-rate`, load.serverFile(impl, w.product), async (server) => {
+    await load.measureRate(w.pool, server, 16, w.config.rateWarmMs);
     const rates: Sample["rates"] = {};
     for (const c of w.config.concurrencies) {
-      await measureRate(w.pool, server, c, w.config.warmMs);
-      rates[c] = await measureRate(w.pool, server, c, w.config.rateMs);
+      await load.measureRate(w.pool, server, c, w.config.warmMs);
+      rates[c] = await load.measureRate(w.pool, server, c, w.config.rateMs);
     }
     return rates;
   });
@@ -159,25 +180,38 @@ function ratePhase(w: Where, impl: Impl) {
 
 /** Idle RSS, then with `hold` and 2 x `hold` idle connections, on a fresh process with no warm-up (HISTORY.md, 1). */
 function memoryPhase(w: Where, impl: Impl) {
-  return withServer(w, `${impl}-memory`, serverFile(impl, w.product), async (server) => {
+  return withServer(w, `${impl}-memory`, load.serverFile(impl, w.product), async (server) => {
     await sleep(w.config.settleMs);
-    return await measureHeld(w.pool, server, w.config.hold, 2, w.config.rssSamples, w.config.settleMs);
+    return await load.measureHeld(
+      w.pool,
+      server,
+      w.config.hold,
+      2,
+      w.config.rssSamples,
+      w.config.settleMs,
+    );
   });
 }
 
 /** Peak RSS under slowloris plus a long line, on a server that has served a second of sessions. */
 function hostilePhase(w: Where) {
-  const args = serverFile("smtp521", w.product, ["--timeout", String(w.config.timeoutS)]);
+  const args = load.serverFile("smtp521", w.product, ["--timeout", String(w.config.timeoutS)]);
   return withServer(w, "smtp521-hostile", args, async (server) => {
-    await measureRate(w.pool, server, 8, 2 * w.config.warmMs);
+    await load.measureRate(w.pool, server, 8, 2 * w.config.warmMs);
     await sleep(w.config.settleMs);
-    return await measureHostile(w.pool, server, w.config.slowloris, w.config, w.config.rssSamples);
+    return await load.measureHostile(
+      w.pool,
+      server,
+      w.config.slowloris,
+      w.config,
+      w.config.rssSamples,
+    );
   });
 }
 
 /** CPU per session of EHLO, MAIL, 100 lines of one shape and QUIT, pipelined, in rcpt mode; shapes interleaved. */
 function linesPhase(w: Where): Promise<Line[]> {
-  const args = serverFile("smtp521", w.product, ["--mode", "rcpt", "--max-commands", "1000"]);
+  const args = load.serverFile("smtp521", w.product, ["--mode", "rcpt", "--max-commands", "1000"]);
   const script = (line: string): Script => ({
     greeting: "220 ",
     send: `EHLO x\r\nMAIL FROM:<>\r\n${`${line}\r\n`.repeat(100)}QUIT\r\n`,
@@ -185,12 +219,20 @@ function linesPhase(w: Where): Promise<Line[]> {
   });
   return withServer(w, "smtp521-lines", args, async (server) => {
     const cpu: number[][] = SHAPES.map(() => []);
-    await measureRate(w.pool, server, 4, w.config.rateWarmMs, script(SHAPES[1][1]));
+    await load.measureRate(w.pool, server, 4, w.config.rateWarmMs, script(SHAPES[1][1]));
     for (let round = 0; round < w.config.lineRounds; round++) {
       const order = SHAPES.map((_, i) => i);
       for (const i of round % 2 ? order.reverse() : order) {
-        const rate = await measureRate(w.pool, server, 4, w.config.lineWindowMs, script(SHAPES[i][1]));
-        if (rate.failures || !rate.sessionsPerS) throw new Error(`lines: ${SHAPES[i][0]}: ${rate.failures} failed`);
+        const rate = await load.measureRate(
+          w.pool,
+          server,
+          4,
+          w.config.lineWindowMs,
+          script(SHAPES[i][1]),
+        );
+        if (rate.failures || !rate.sessionsPerS) {
+          throw new Error(`lines: ${SHAPES[i][0]}: ${rate.failures} failed`);
+        }
         cpu[i].push((1e6 * rate.serverCpu) / rate.sessionsPerS);
       }
     }
@@ -201,21 +243,30 @@ function linesPhase(w: Where): Promise<Line[]> {
 /** Per flag variant: start-up to the start line, idle RSS, RSS after serving 16 clients and with connections held. */
 async function smallPhase(w: Where): Promise<Small[]> {
   const result: Small[] = [];
-  const args = serverFile("smtp521", w.product);
+  const args = load.serverFile("smtp521", w.product);
   for (const flags of VARIANTS[w.runtime]) {
     const startMs: number[] = [];
     for (let i = 1; i < w.config.starts; i++) {
-      startMs.push(await withServer(w, "smtp521-small", args, (s) => Promise.resolve(s.startMs), flags));
+      startMs.push(
+        await withServer(w, "smtp521-small", args, (s) => Promise.resolve(s.startMs), flags),
+      );
     }
     result.push(
       await withServer(w, "smtp521-small", args, async (server) => {
         startMs.push(server.startMs);
         await sleep(w.config.settleMs);
-        const idle = await settledRss(server.pid, w.config.rssSamples);
-        const rate = await measureRate(w.pool, server, 16, w.config.rateMs);
+        const idle = await load.settledRss(server.pid, w.config.rssSamples);
+        const rate = await load.measureRate(w.pool, server, 16, w.config.rateMs);
         await sleep(w.config.settleMs);
-        const served = await settledRss(server.pid, w.config.rssSamples);
-        const held = await measureHeld(w.pool, server, w.config.smallHold, 1, w.config.rssSamples, w.config.settleMs);
+        const served = await load.settledRss(server.pid, w.config.rssSamples);
+        const held = await load.measureHeld(
+          w.pool,
+          server,
+          w.config.smallHold,
+          1,
+          w.config.rssSamples,
+          w.config.settleMs,
+        );
         return { flags, startMs, idle, served, held: held.steps[0].rss, rate };
       }, flags),
     );
@@ -223,11 +274,13 @@ async function smallPhase(w: Where): Promise<Small[]> {
   return result;
 }
 
-const sha = (file: string) => createHash("sha256").update(readFileSync(file)).digest("hex").slice(0, 12);
+const sha = (file: string) =>
+  createHash("sha256").update(readFileSync(file)).digest("hex").slice(0, 12);
 
 function describeProduct(file: string): string {
-  if (file !== PRODUCT) return `${file} (--product), sha256 ${sha(file)}`;
-  const git = (...args: string[]) => execFileSync("git", args, { cwd: ROOT, encoding: "utf8" }).trim();
+  if (file !== load.PRODUCT) return `${file} (--product), sha256 ${sha(file)}`;
+  const git = (...args: string[]) =>
+    execFileSync("git", args, { cwd: load.ROOT, encoding: "utf8" }).trim();
   const dirty = git("status", "--porcelain", "smtp521.ts") ? " with uncommitted changes" : "";
   return `smtp521.ts at ${git("rev-parse", "--short", "HEAD")}${dirty}, sha256 ${sha(file)}`;
 }
@@ -246,19 +299,23 @@ function cli(args: string[]) {
   if (text("repeats")) config.repeats = Number(text("repeats"));
   if (text("processes")) config.processes = Number(text("processes"));
   if (text("concurrencies")) config.concurrencies = text("concurrencies")!.split(",").map(Number);
-  const out = text("out") ? resolve(text("out")!) : v.smoke ? mkdtempSync(join(tmpdir(), "smtp521-bench-")) : null;
+  const out = text("out")
+    ? resolve(text("out")!)
+    : v.smoke
+    ? mkdtempSync(join(tmpdir(), "smtp521-bench-"))
+    : null;
   const pick = <T extends string>(all: readonly T[], list = all.join(",")) =>
     list.split(",").filter((x): x is T => all.includes(x as T));
   return {
     config,
     smoke: Boolean(v.smoke),
     // The smoke run's tiny figures never replace the real ones.
-    resultsFile: out ? join(out, "RESULTS.md") : join(ROOT, "bench", "RESULTS.md"),
-    outDir: out ?? join(ROOT, "bench", "out"),
-    runtimes: pick(RUNTIMES, text("runtimes")),
+    resultsFile: out ? join(out, "RESULTS.md") : join(load.ROOT, "bench", "RESULTS.md"),
+    outDir: out ?? join(load.ROOT, "bench", "out"),
+    runtimes: pick(load.RUNTIMES, text("runtimes")),
     phases: pick(PHASES, text("phases")),
-    rated: pick(IMPLS, text("rated") ?? "floor,smtp521,control"),
-    product: text("product") ? resolve(text("product")!) : PRODUCT,
+    rated: pick(load.IMPLS, text("rated") ?? "floor,smtp521,control"),
+    product: text("product") ? resolve(text("product")!) : load.PRODUCT,
     pin: !v["no-pin"],
   };
 }
@@ -269,7 +326,9 @@ export async function main(args: string[]): Promise<number> {
     const raw = JSON.parse(readFileSync(args[from + 1], "utf8"));
     // A smoke run's figures never replace the real ones.
     write(
-      raw.context.smoke ? join(resolve(args[from + 1], ".."), "RESULTS.md") : join(ROOT, "bench", "RESULTS.md"),
+      raw.context.smoke
+        ? join(resolve(args[from + 1], ".."), "RESULTS.md")
+        : join(load.ROOT, "bench", "RESULTS.md"),
       raw,
     );
     return 0;
@@ -279,8 +338,10 @@ export async function main(args: string[]): Promise<number> {
   mkdirSync(logs, { recursive: true });
   const loadBefore = loadavg()[0];
   const productBefore = describeProduct(product);
-  const pool = startPool(config.processes, pin);
-  if (pin && !pool.pinned) progress("could not pin (taskset, 2 CPUs): servers and load generator share the cores");
+  const pool = load.startPool(config.processes, pin);
+  if (pin && !pool.pinned) {
+    progress("could not pin (taskset, 2 CPUs): servers and load generator share the cores");
+  }
   const samples: Sample[] = [];
   const lines: Lines = {};
   const small: Smalls = {};
@@ -288,14 +349,25 @@ export async function main(args: string[]): Promise<number> {
     for (let repeat = 0; repeat < config.repeats; repeat++) {
       for (const runtime of runtimes) {
         const w = { runtime, logs, pool, config, product };
-        const mine = IMPLS.map((impl): Sample => ({ runtime, impl, repeat, rates: {}, held: null, hostile: null }));
+        const mine = load.IMPLS.map((impl): Sample => ({
+          runtime,
+          impl,
+          repeat,
+          rates: {},
+          held: null,
+          hostile: null,
+        }));
         samples.push(...mine);
-        const sample = (impl: Impl) => mine[IMPLS.indexOf(impl)];
+        const sample = (impl: Impl) => mine[load.IMPLS.indexOf(impl)];
         // Each pair or row of servers swaps ends every repeat: floor, smtp521, control; control, smtp521, floor.
         const swap = <T>(list: T[]) => (repeat % 2 ? list.toReversed() : list);
-        if (phases.includes("rate")) { for (const impl of swap(rated)) sample(impl).rates = await ratePhase(w, impl); }
+        if (phases.includes("rate")) {
+          for (const impl of swap(rated)) sample(impl).rates = await ratePhase(w, impl);
+        }
         if (phases.includes("memory")) {
-          for (const impl of swap<Impl>(["baseline", "smtp521"])) sample(impl).held = await memoryPhase(w, impl);
+          for (const impl of swap<Impl>(["baseline", "smtp521"])) {
+            sample(impl).held = await memoryPhase(w, impl);
+          }
         }
         if (phases.includes("hostile")) sample("smtp521").hostile = await hostilePhase(w);
         progress(`${runtime}, repeat ${repeat + 1} of ${config.repeats}: done`);
@@ -312,14 +384,17 @@ export async function main(args: string[]): Promise<number> {
   }
   const productAfter = describeProduct(product);
   const versions = Object.fromEntries([...runtimes, "node" as const].map((r) => {
-    const text = execFileSync(command(r)[0], ["--version"], { encoding: "utf8", timeout: 10_000 });
+    const text = execFileSync(load.command(r)[0], ["--version"], {
+      encoding: "utf8",
+      timeout: 10_000,
+    });
     return [r, /\d+\.\d+\.\d+/.exec(text)?.[0] ?? text.trim()];
   }));
   const context: Context = {
     smoke,
     command: ["node bench/run.ts", ...args].join(" "),
     date: new Date().toISOString(),
-    machine: machine(),
+    machine: load.machine(),
     versions,
     product: productAfter === productBefore
       ? productBefore
@@ -330,16 +405,22 @@ export async function main(args: string[]): Promise<number> {
     runtimes,
     config,
   };
-  writeFileSync(join(outDir, "results.json"), JSON.stringify({ context, name: NAME, samples, lines, small }, null, 1));
+  writeFileSync(
+    join(outDir, "results.json"),
+    JSON.stringify({ context, name: load.NAME, samples, lines, small }, null, 1),
+  );
   write(resultsFile, { context, samples, lines, small });
   return 0;
 }
 
 /** RESULTS.md from the raw figures (`--from bench/out/results.json` writes it again without measuring). */
-function write(file: string, raw: { context: Context; samples: Sample[]; lines: Lines; small: Smalls }): void {
+function write(
+  file: string,
+  raw: { context: Context; samples: Sample[]; lines: Lines; small: Smalls },
+): void {
   // As `deno fmt` writes it: bench/ is under `deno fmt --check`.
-  const text = execFileSync(join(BIN, "deno"), ["fmt", "--ext", "md", "-"], {
-    cwd: ROOT,
+  const text = execFileSync(join(load.BIN, "deno"), ["fmt", "--ext", "md", "-"], {
+    cwd: load.ROOT,
     input: markdown(raw.samples, raw.lines, raw.small, raw.context),
     encoding: "utf8",
   });
