@@ -420,7 +420,6 @@ const VERB = /^[A-Za-z]{1,8}$/;
 // Arguments are read by search, not by one pattern: a pattern that fails late
 // backtracks over the whole line.
 const NOT_IN_PATH = /[^\x21-\x3b\x3d\x3f-\x7e]/;
-const NOT_PRINTABLE = /[^\x20-\x7e]/;
 
 /**
  * RFC 5321 §4.1.1.2-3: `FROM:<path>` or `TO:<path>` (one space allowed before
@@ -431,10 +430,10 @@ function pathArgument(args: string, keyword: "FROM:" | "TO:"): string | null {
   const open = args.charCodeAt(keyword.length) === SPACE ? keyword.length + 1 : keyword.length;
   const close = args.indexOf(">", open);
   if (args[open] !== "<" || close < 0 || close - open + 1 > MAX_PATH) return null;
+  // ESMTP parameters must follow a space; no extension is offered, so none is read or echoed.
+  const badParameters = close + 1 < args.length && args[close + 1] !== " ";
   const path = args.slice(open + 1, close);
-  const parameters = args.slice(close + 1);
-  const badParameters = parameters && (parameters[0] !== " " || NOT_PRINTABLE.test(parameters));
-  return NOT_IN_PATH.test(path) || badParameters ? null : path;
+  return badParameters || NOT_IN_PATH.test(path) ? null : path;
 }
 
 /**
