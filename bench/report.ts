@@ -175,7 +175,7 @@ export function markdown(
     ].join(" "),
     [
       `- Machine: ${context.machine}`,
-      `- Runtimes: ${
+      `\n- Runtimes: ${
         runtimes.map((r) => `${r} ${context.versions[r]}`).join(", ")
       }; load generator:`,
       `bench/client.ts on Node ${context.versions.node}, ${c.processes} processes;`,
