@@ -31,7 +31,6 @@
  */
 
 import { Buffer } from "node:buffer";
-import { EventEmitter } from "node:events";
 import { fstatSync, readFileSync, write } from "node:fs";
 import { createServer, isIP, isIPv4, isIPv6, Socket } from "node:net";
 import type { AddressInfo } from "node:net";
@@ -528,8 +527,9 @@ const LINGER_BYTES = 64 * 1024;
 
 /**
  * Every session's deadline on one interval timer, not a timer each (a timer
- * costs memory per connection). It runs only while a session is open, so a
- * finished stdio session lets the process exit. The open sessions are an array
+ * costs memory per connection). It stops at the first sweep that finds no
+ * session open (not at each close: sessions one after another would start and
+ * stop it every time), so a finished stdio session lets the process exit. The open sessions are an array
  * with swap-remove: a Set rehashing under churn kept finished sockets alive
  * through V8 scavenges (bench/HISTORY.md).
  */
@@ -551,7 +551,6 @@ function deadlines(idleMs: number, maxDurationMs: number) {
     remove(conversation: Conversation) {
       const last = open.pop()!;
       if (last !== conversation) open[last.slot = conversation.slot] = last;
-      if (open.length === 0) timer = void clearInterval(timer);
     },
     /** RFC 5321 §4.5.3.2.7: the idle time-out restarts with each line, never past the life. */
     restart(conversation: Conversation) {
@@ -559,6 +558,8 @@ function deadlines(idleMs: number, maxDurationMs: number) {
     },
     /** Close every open session now, for this reason. */
     stopAll: (reason: EndReason) => [...open].forEach((conversation) => stop(conversation, reason)),
+    /** Stop the timer now, not at its next sweep, if no session is open (a server closing). */
+    release: () => open.length === 0 && (timer = void clearInterval(timer)),
   };
 }
 type Deadlines = ReturnType<typeof deadlines>;
@@ -735,10 +736,13 @@ const DENO_READ_BYTES = 1024;
 /** Deno: past this many bytes not yet written, `write` says "wait for drain", as node:net does. */
 const DENO_HIGH_WATER = 64 * 1024;
 
-/** A Deno connection as a Conduit: node:net's events over Deno's promises. */
+/**
+ * A Deno connection as a Conduit: node:net's events over Deno's promises. One
+ * listener per event is all `converse` sets, so they are kept in a plain object.
+ */
 function denoConnection(conn: DenoConn): Connection {
-  const events = new EventEmitter();
-  let writes = Promise.resolve();
+  const on: Record<string, ((chunk?: Uint8Array) => void) | undefined> = {};
+  let writes: Promise<void> | null = null; // the writes in flight, in order
   let queued = 0;
   let paused = false;
   let wake: (() => void) | null = null;
@@ -750,32 +754,58 @@ function denoConnection(conn: DenoConn): Connection {
       conn.close();
     } catch { /* already closed by the runtime */ }
     wake?.();
-    events.emit("close");
+    on.close?.();
   };
   const failed = () => {
-    if (!gone) events.emit("error");
+    if (!gone) on.error?.();
     destroy();
   };
+  /** Run `next` after the writes in flight, in order. */
+  const then = (next: () => Promise<unknown>) => {
+    const done = () => {
+      if (writes === chained) writes = null;
+    };
+    const chained: Promise<void> = (writes ? writes.then(next) : next()).then(done, failed);
+    writes = chained;
+  };
   // Both sides ended and everything written: nothing is left to linger for.
-  const closeIfDone = () => ourEnd && theirEnd && writes.then(destroy);
-  const send = (text: string) => {
+  const closeIfDone = () => ourEnd && theirEnd && (writes ? writes.then(destroy) : destroy());
+  const write = (text: string) => {
     const bytes = Buffer.from(text, "latin1");
     queued += bytes.length;
-    writes = writes.then(async () => {
+    then(async () => {
       for (let sent = 0; sent < bytes.length;) sent += await conn.write(bytes.subarray(sent));
-      if ((queued -= bytes.length) === 0) events.emit("drain");
-    }).catch(failed);
+      if ((queued -= bytes.length) === 0) on.drain?.();
+    });
     return queued < DENO_HIGH_WATER;
   };
-  const end = (last?: string, done?: () => void) => {
-    if (last) send(last);
-    ourEnd = true;
-    writes = writes.then(() => conn.closeWrite()).then(done, failed);
-    closeIfDone();
-  };
-  const resume = () => {
-    paused = false;
-    wake?.();
+  const connection = {
+    remoteAddress: conn.remoteAddr.hostname,
+    remotePort: conn.remoteAddr.port,
+    localAddress: conn.localAddr.hostname,
+    on(event: string, listener: (chunk?: Uint8Array) => void) {
+      on[event] = listener;
+    },
+    once(_drain: "drain", listener: () => void) {
+      on.drain = () => {
+        on.drain = undefined;
+        listener();
+      };
+    },
+    write,
+    end(last?: string, done?: () => void) {
+      if (last) write(last);
+      ourEnd = true;
+      then(() => conn.closeWrite().then(done));
+      closeIfDone();
+    },
+    destroy,
+    pause: () => void (paused = true),
+    resume() {
+      paused = false;
+      wake?.();
+    },
+    isPaused: () => paused,
   };
   (async () => {
     const buffer = new Uint8Array(DENO_READ_BYTES);
@@ -785,24 +815,13 @@ function denoConnection(conn: DenoConn): Connection {
       if (n === undefined) return failed();
       if (n === null) {
         theirEnd = true;
-        events.emit("end");
+        on.end?.();
         return closeIfDone();
       }
-      if (n && !gone) events.emit("data", buffer.subarray(0, n));
+      if (n && !gone) on.data?.(buffer.subarray(0, n));
     }
   })();
-  const { remoteAddr: remote, localAddr: local } = conn;
-  return Object.assign(events, {
-    remoteAddress: remote.hostname,
-    remotePort: remote.port,
-    localAddress: local.hostname,
-    write: send,
-    end,
-    destroy,
-    pause: () => void (paused = true),
-    resume,
-    isPaused: () => paused,
-  }) as unknown as Connection;
+  return connection as Connection;
 }
 
 function bind(where: ListenAddress): Promise<Listener> {
@@ -997,6 +1016,7 @@ export async function serve(options: ServeOptions = {}): Promise<Smtp521Server> 
     while (open + overloaded > 0 && Date.now() < deadline) await sleep(50);
     clock.stopAll("shutdown");
     while (open + overloaded > 0) await sleep(10);
+    clock.release();
     return endings;
   }
 
