@@ -529,9 +529,9 @@ const LINGER_BYTES = 64 * 1024;
  * Every session's deadline on one interval timer, not a timer each (a timer
  * costs memory per connection). It stops at the first sweep that finds no
  * session open (not at each close: sessions one after another would start and
- * stop it every time), so a finished stdio session lets the process exit. The open sessions are an array
- * with swap-remove: a Set rehashing under churn kept finished sockets alive
- * through V8 scavenges (bench/HISTORY.md).
+ * stop it every time), so a finished stdio session lets the process exit. The
+ * open sessions are an array with swap-remove: a Set rehashing under churn kept
+ * finished sockets alive through V8 scavenges (bench/HISTORY.md).
  */
 function deadlines(idleMs: number, maxDurationMs: number) {
   const periodMs = Math.max(20, Math.min(idleMs, maxDurationMs, LINGER_MS) / 10);

@@ -327,14 +327,11 @@ describe("address literals: a dotted quad, or IPv6: and an address with no zone 
     },
   );
 
+  const relay = () =>
+    createSession({ mode: "rcpt", name: NAME, maxCommands: 100, rcptCode: 521, domains: null });
+
   it("answers RCPT for a zoned literal with its own name, never the client's text", () => {
-    const session = createSession({
-      mode: "rcpt",
-      name: NAME,
-      maxCommands: 100,
-      rcptCode: 521,
-      domains: null,
-    });
+    const session = relay();
     const text = "x".repeat(200); // the path stays under RFC 5321's 256 octets, so the domain is read
     const step = receive(session, latin1(`MAIL FROM:<>\r\nRCPT TO:<u@[IPv6:fe80::1%${text}]>\r\n`));
     expect(step.send).toBe(`250 OK\r\n521 ${NAME} does not accept mail\r\n`);
@@ -361,13 +358,7 @@ describe("address literals: a dotted quad, or IPv6: and an address with no zone 
     fc.assert(
       fc.property(fc.array(piece, { maxLength: 30 }), fc.boolean(), (pieces, bracketed) => {
         const domain = bracketed ? `[${pieces.join("")}]` : pieces.join("");
-        const session = createSession({
-          mode: "rcpt",
-          name: NAME,
-          maxCommands: 100,
-          rcptCode: 521,
-          domains: null,
-        });
+        const session = relay();
         const reply =
           receive(session, latin1(`MAIL FROM:<>\r\nRCPT TO:<u@${domain}>\r\n`)).send.split(
             "\r\n",
