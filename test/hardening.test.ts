@@ -145,8 +145,10 @@ describe("the log: a sink that fails or stalls costs counted lines, never the se
       const fifo = join(dir, "log");
       execFileSync("mkfifo", [fifo]);
       /** A reader of the named pipe, as a restarted `| logger` would be. */
+      const readers: ChildProcess[] = [];
       const reader = () => {
         const cat = spawn("cat", [fifo], { stdio: ["ignore", "pipe", "ignore"] });
+        readers.push(cat);
         const lines: string[] = [];
         cat.stdout!.setEncoding("latin1").on(
           "data",
@@ -198,6 +200,7 @@ describe("the log: a sink that fails or stalls costs counted lines, never the se
         expect(text).toMatch(/event=stop [^\n]* sessions=2 [^\n]*log_dropped=1/);
       } finally {
         child.kill("SIGKILL");
+        for (const cat of readers) cat.kill("SIGKILL"); // one still waiting for a writer would stay
         rmSync(dir, { recursive: true, force: true });
       }
     },
