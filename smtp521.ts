@@ -300,19 +300,22 @@ const NOTHING: Step = Object.freeze({ send: "", lines: 0, end: null });
 type Answer = readonly [reply: string, end: EndReason | null];
 
 export function createSession(config: SessionConfig): Session {
-  const { refuse, ready } = repliesFor(config.name);
-  if (config.mode === "rcpt") return newSession(config, ready, null);
-  return newSession(config, refuse, config.mode === "close" ? "closed" : null);
+  if (config.mode === "rcpt") return newSession(config, "ready", null);
+  return newSession(config, "refuse", config.mode === "close" ? "closed" : null);
 }
 
 /** A connection over a limit still hears the 521, then a close: never a 4xx, never silence. */
 export function overloadSession(config: SessionConfig): Session {
-  return newSession(config, repliesFor(config.name).refuse, "overload");
+  return newSession(config, "refuse", "overload");
 }
 
-function newSession(config: SessionConfig, send: string, end: EndReason | null): Session {
-  const greeting = { send, lines: 0, end };
+function newSession(
+  config: SessionConfig,
+  first: "ready" | "refuse",
+  end: EndReason | null,
+): Session {
   const replies = repliesFor(config.name);
+  const greeting = { send: replies[first], lines: 0, end };
   return {
     config,
     replies,
