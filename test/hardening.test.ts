@@ -545,7 +545,9 @@ describe.each(ALL)("holding slots, on %s", (runtime) => {
           ended,
           new Promise((r) => setTimeout(() => r("still open"), 15_000)),
         ]);
-        expect(ending).toBe("fin");
+        // A plain close, as at the idle time-out: a NOOP still in flight when the server closes
+        // turns the client's FIN into a reset, so either ends it; staying open does not.
+        expect(["fin", "reset"]).toContain(ending);
       } finally {
         clearInterval(ticker);
         socket.destroy();
