@@ -2,30 +2,27 @@
 /**
  * smtp521: an SMTP server for hosts that never receive mail.
  *
- * A host with nothing on port 25 makes senders queue misaddressed mail for days
- * (a refused connection is a temporary failure). smtp521 answers with a
- * permanent "521 <host> does not accept mail" instead, so the sender returns
- * the message at once with a clear reason.
+ * A host with nothing on port 25 makes senders queue misaddressed mail for days (a refused
+ * connection is a temporary failure). smtp521 answers "521 <host> does not accept mail", a
+ * permanent refusal, so the sender returns the message at once with a clear reason.
  *
  *   RFC 1846  SMTP 521 Reply Code (the modes: §3, §4.1, §4.2)
  *   RFC 7504  SMTP 521 and 556 Reply Codes (§3: 521 greeting, 556 at RCPT)
  *   RFC 5321  SMTP (line, path and time-out limits: §4.5.3)
  *   RFC 7505  Null MX (publish it too, where you control DNS)
  *
- * Usage (one file, no dependencies; Deno, Node >= 22.18 or Bun; README.md has
- * the rest; probe.ts, beside this file, checks a host from a workstation):
+ * One file, no dependencies: Deno, Node >= 22.18 or Bun. README.md has the rest; probe.ts, beside
+ * this file, checks a host from a workstation.
  *
  *   deno run --allow-net smtp521.ts [--mode greet|close|rcpt] [flags]
  *   node smtp521.ts --port 2525 --hostname ntp1.example
  *   bun smtp521.ts --stdio                      # from inetd / systemd Accept=yes
  *
- * As a library: `createSession` and `receive` are the protocol as a pure state
- * machine (bytes in; replies and "close now" out); `serve` runs it on TCP and
- * `serveStdio` on standard input and output. It never connects anywhere.
- *
- * The file reads in the order data flows: runtime, reply table, names, session
- * core, transports (limits, one conversation, listeners, stdio), options, logs,
- * main. Each part uses only what comes before it.
+ * As a library: `createSession` and `receive` are the protocol as a pure state machine (bytes in;
+ * replies and "close now" out); `serve` runs it on TCP, `serveStdio` on standard input and output.
+ * It never connects anywhere. The file reads in the order data flows: runtime, reply table, names,
+ * session core, transports (limits, one conversation, listeners, stdio), options, logs, main. Each
+ * part uses only what comes before it.
  *
  * @module
  */
@@ -42,13 +39,12 @@ import { parseArgs } from "node:util";
 
 export const VERSION = "1.0.0";
 
-// ---------------------------------------------------------------------------
-// Runtime. Under Deno with only --allow-net, reading the host name, the
-// environment or a file would prompt (freezing the event loop) or throw: each
-// is asked of the permission API first, which never prompts.
-// ---------------------------------------------------------------------------
+// ---------------------------------------------------------------------------------------------
+// Runtime. Under Deno with only --allow-net, reading the host name, the environment or a file
+// would prompt (freezing the event loop) or throw: the permission API, which never prompts, is
+// asked first.
+// ---------------------------------------------------------------------------------------------
 
-type PermissionQuery = { name: string; kind?: string; variable?: string; path?: string };
 type DenoAddr = { readonly hostname: string; readonly port: number };
 interface DenoConn {
   readonly remoteAddr: DenoAddr;
@@ -59,19 +55,17 @@ interface DenoConn {
   close(): void;
 }
 type DenoListener = { readonly addr: DenoAddr; accept(): Promise<DenoConn>; close(): void };
-interface DenoGlobal {
-  permissions: { querySync(query: PermissionQuery): { state: string } };
-  version: { deno: string };
-  listen(options: { hostname: string; port: number; transport: "tcp" }): DenoListener;
-}
-const deno = (globalThis as unknown as { Deno?: DenoGlobal }).Deno;
-const bun = (globalThis as unknown as { Bun?: { version: string } }).Bun;
-const node = process.versions.node;
-export const RUNTIME = deno
-  ? `deno/${deno.version.deno}`
-  : bun
-  ? `bun/${bun.version}`
-  : `node/${node}`;
+type PermissionQuery = { name: string; kind?: string; variable?: string; path?: string };
+const { Deno: deno, Bun: bun } = globalThis as unknown as {
+  Deno?: {
+    permissions: { querySync(query: PermissionQuery): { state: string } };
+    version: { deno: string };
+    listen(options: { hostname: string; port: number; transport: "tcp" }): DenoListener;
+  };
+  Bun?: { version: string };
+};
+const runtimeVersion = deno ? `deno/${deno.version.deno}` : bun && `bun/${bun.version}`;
+export const RUNTIME = runtimeVersion || `node/${process.versions.node}`;
 
 function mayRead(query: PermissionQuery): boolean {
   return !deno || deno.permissions.querySync(query).state === "granted";
@@ -81,33 +75,26 @@ function readEnv(variable: string): string | undefined {
   return mayRead({ name: "env", variable }) ? process.env[variable] : undefined;
 }
 
-// ---------------------------------------------------------------------------
-// Reply table. Every byte smtp521 sends is built here, from the server's name
-// and, for RCPT only, a recipient domain that passed `checkedDomain`.
-// ---------------------------------------------------------------------------
+// ---------------------------------------------------------------------------------------------
+// Reply table. Every byte smtp521 sends is built here, from the server's name and, for RCPT
+// only, a recipient domain that passed `checkedDomain`.
+// ---------------------------------------------------------------------------------------------
 
 /** The fixed replies for one server name, CRLF-terminated. */
 function buildReplies(name: string) {
   const replies = {
-    /** RFC 1846 §4.1 greeting, and the answer to every line in `greet` mode. */
-    refuse: `521 ${name} does not accept mail\r\n`,
-    /** RFC 5321 §4.1.1.10: QUIT. */
-    closing: `221 ${name} closing connection\r\n`,
-    /** `rcpt` mode greeting (RFC 1846 §3: a relay greets normally). */
-    ready: `220 ${name} ESMTP refuses all mail\r\n`,
-    /** HELO/EHLO: one line, so no extension (PIPELINING, STARTTLS, AUTH) is offered. */
-    hello: `250 ${name}\r\n`,
+    refuse: `521 ${name} does not accept mail\r\n`, // RFC 1846 §4.1; greet mode's every answer
+    closing: `221 ${name} closing connection\r\n`, // RFC 5321 §4.1.1.10: QUIT
+    ready: `220 ${name} ESMTP refuses all mail\r\n`, // rcpt mode (RFC 1846 §3: a relay greets)
+    hello: `250 ${name}\r\n`, // one line: no extension (PIPELINING, STARTTLS, AUTH) is offered
     ok: "250 OK\r\n",
-    /** RFC 5321 §3.6.2: a recipient outside `--domains`; never an open relay. */
-    relayDenied: "550 relaying denied\r\n",
-    /** RFC 5321 §3.3: DATA when every RCPT was refused. No reply is ever 354. */
-    noRecipients: "554 no valid recipients\r\n",
+    relayDenied: "550 relaying denied\r\n", // RFC 5321 §3.6.2: never an open relay
+    noRecipients: "554 no valid recipients\r\n", // RFC 5321 §3.3; no reply is ever 354
     badSequence: "503 bad sequence of commands\r\n",
     badSyntax: "501 syntax error in parameters or arguments\r\n",
     notImplemented: "502 command not implemented\r\n",
     unknownCommand: "500 command not recognized\r\n",
-    /** RFC 5321 §4.5.3.1.6: a text line over 1000 octets, in `rcpt` mode. */
-    lineTooLong: "500 line too long\r\n",
+    lineTooLong: "500 line too long\r\n", // RFC 5321 §4.5.3.1.6, in rcpt mode
   };
   return Object.freeze(replies);
 }
@@ -120,11 +107,7 @@ function rcptRefusal(code: RcptCode, domain: string): string {
 
 const replyCache = new Map<string, Replies>();
 
-/**
- * The replies for a server name, remembered for at most 64 names: a server has
- * one, or one per local address, and whoever reaches many local addresses
- * (127.0.0.0/8, a routed IPv6 prefix) must not grow this without bound.
- */
+/** The replies for a name, kept for 64 names: one per local address must not grow unbounded. */
 export function repliesFor(name: string): Replies {
   let replies = replyCache.get(name);
   if (!replies) {
@@ -134,18 +117,17 @@ export function repliesFor(name: string): Replies {
   return replies;
 }
 
-// ---------------------------------------------------------------------------
+// ---------------------------------------------------------------------------------------------
 // Names. A reply may only ever name a checked domain or address literal.
-// ---------------------------------------------------------------------------
+// ---------------------------------------------------------------------------------------------
 
 /** RFC 5321 §4.1.2 Domain: LDH labels of 1-63 octets (253 octets in all: checked apart). */
 const LABEL = "[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?";
 const DOMAIN = new RegExp(`^${LABEL}(?:\\.${LABEL})*$`, "i");
 
 /**
- * A well-formed domain (lower-cased, one trailing dot dropped) or address
- * literal (RFC 5321 §4.1.3: `[192.0.2.1]`, `[IPv6:2001:db8::1]` with no zone id,
- * which isIPv6 would take with any text after its `%`); else null.
+ * A domain (lower-cased, one trailing dot dropped) or address literal (RFC 5321 §4.1.3: with no
+ * zone id, which isIPv6 would take with any text after its `%`); else null.
  */
 export function checkedDomain(text: string): string | null {
   if (text.startsWith("[") && text.endsWith("]")) {
@@ -181,10 +163,7 @@ function hostPort(ip: string, port: number | string): string {
   return ip.includes(":") ? `[${ip}]:${port}` : `${ip}:${port}`;
 }
 
-/**
- * What `--max-per-ip` counts: an IPv4 address, or the /64 of an IPv6 address
- * (RFC 4291 §2.5.4: one host, or one customer, holds a whole /64).
- */
+/** What `--max-per-ip` counts: an IPv4 address, or an IPv6 /64 (one host's, RFC 4291 §2.5.4). */
 function clientNetwork(ip: string): string {
   if (!ip.includes(":")) return ip;
   const [head, tail] = ip.split("::");
@@ -198,19 +177,12 @@ function clientNetwork(ip: string): string {
   return groups.slice(0, 4).map((group) => parseInt(group, 16).toString(16)).join(":") + "::/64";
 }
 
-/**
- * `--domains a.example,.b.example`: a name, or with a leading dot every name
- * under it but not itself (as in Postfix tables).
- */
-export type DomainList = {
-  readonly names: ReadonlySet<string>;
-  readonly parents: ReadonlySet<string>;
-};
+/** `--domains a.example,.b.example`: names, and with a leading dot every name under one. */
+export type DomainList = Readonly<{ names: ReadonlySet<string>; parents: ReadonlySet<string> }>;
 
 /** The list, or the first entry that is not a domain, `.domain` or address literal. */
 export function parseDomainList(text: string): DomainList | string {
-  const names = new Set<string>();
-  const parents = new Set<string>();
+  const [names, parents] = [new Set<string>(), new Set<string>()];
   for (const entry of text.split(",").map((s) => s.trim()).filter(Boolean)) {
     const under = entry.startsWith(".");
     const domain = checkedDomain(under ? entry.slice(1) : entry);
@@ -220,6 +192,7 @@ export function parseDomainList(text: string): DomainList | string {
   return names.size + parents.size ? { names, parents } : text;
 }
 
+/** `.b.example` lists every name under b.example but not itself, as in Postfix tables. */
 function listed(list: DomainList, domain: string): boolean {
   if (list.names.has(domain)) return true;
   for (let dot = domain.indexOf("."); dot >= 0; dot = domain.indexOf(".", dot + 1)) {
@@ -228,63 +201,41 @@ function listed(list: DomainList, domain: string): boolean {
   return false;
 }
 
-// ---------------------------------------------------------------------------
-// Session core: the protocol as a pure state machine, with no sockets and no
-// timers (after h11). The transport feeds it bytes; it answers with the text
-// to send and, when the session is over, why.
-// ---------------------------------------------------------------------------
+// ---------------------------------------------------------------------------------------------
+// Session core: the protocol as a pure state machine, with no sockets and no timers (after h11).
+// The transport feeds it bytes; it answers with the text to send and, at the end, why.
+// ---------------------------------------------------------------------------------------------
 
 export type Mode = "greet" | "close" | "rcpt";
 export type RcptCode = 521 | 556;
-/** Why a session ended, as logged (README "Logs and signals"). */
-export type EndReason =
-  | "quit"
-  | "closed"
-  | "timeout"
-  | "limit"
-  | "overload"
-  | "too-long"
-  | "forbidden"
-  | "reset"
-  | "client-closed"
-  | "shutdown";
+/** Why a session ended, as logged (README "Logs and signals"): in the core, or in a transport. */
+export type EndReason = CoreEnd | "timeout" | "reset" | "client-closed" | "shutdown";
+type CoreEnd = "quit" | "closed" | "limit" | "overload" | "too-long" | "forbidden";
 
 export interface SessionConfig {
   readonly mode: Mode;
-  /** The name in replies, already checked. */
-  readonly name: string;
-  /** Lines a session may send; the last one is answered, then the close. */
-  readonly maxCommands: number;
-  /** `rcpt` mode: 521 (RFC 1846) or 556 (RFC 7504) for a refused recipient. */
-  readonly rcptCode: RcptCode;
-  /** `rcpt` mode: the domains refused with `rcptCode`; null refuses every domain. */
-  readonly domains: DomainList | null;
+  readonly name: string; // the name in replies, already checked
+  readonly maxCommands: number; // lines a session may send: the last is answered, then the close
+  readonly rcptCode: RcptCode; // rcpt mode: 521 (RFC 1846) or 556 (RFC 7504)
+  readonly domains: DomainList | null; // rcpt mode: the domains refused; null: every domain
 }
 
 /** What the transport must do after feeding the core. */
 export interface Step {
-  /** Replies to send, in order; "" for none. */
-  readonly send: string;
-  /** Complete lines taken in (each restarts the idle time-out). */
-  readonly lines: number;
-  /** Set once: send, then close (lingering) for this reason. */
-  readonly end: EndReason | null;
+  readonly send: string; // replies to send, in order; "" for none
+  readonly lines: number; // complete lines taken in (each restarts the idle time-out)
+  readonly end: CoreEnd | null; // set once: send, then close (lingering) for this reason
 }
 
 /** One session's state: a plain object, changed only by `receive`. */
 export interface Session {
   readonly config: SessionConfig;
   readonly replies: Replies;
-  /** The first step, taken as soon as the connection is accepted. */
-  readonly greeting: Step;
-  /** The start of a line whose LF has not come yet: under MAX_LINE octets. */
-  partial: Buffer | null;
-  /** Complete lines so far. */
-  received: number;
-  /** Once set, every later byte is ignored. */
-  over: boolean;
-  /** `rcpt` mode: a MAIL that no RSET or HELO/EHLO has ended (RFC 5321 §4.1.4). */
-  inTransaction: boolean;
+  readonly greeting: Step; // the first step, taken as soon as the connection is accepted
+  partial: Buffer | null; // the start of a line whose LF has not come yet: < MAX_LINE octets
+  received: number; // complete lines so far
+  over: boolean; // once set, every later byte is ignored
+  inTransaction: boolean; // rcpt mode: a MAIL no RSET or HELO/EHLO has ended (RFC 5321 §4.1.4)
 }
 
 /** RFC 5321 §4.5.3.1.6: a text line is at most 1000 octets with its CRLF. */
@@ -297,7 +248,7 @@ const HTTP_REQUEST =
   /^(?:(?:GET|HEAD|POST|PUT|DELETE|CONNECT|OPTIONS|TRACE|PATCH)(?: |$)|[A-Z]+ \S+ HTTP\/\d)/;
 const NOTHING: Step = Object.freeze({ send: "", lines: 0, end: null });
 
-type Answer = readonly [reply: string, end: EndReason | null];
+type Answer = readonly [reply: string, end: CoreEnd | null];
 
 export function createSession(config: SessionConfig): Session {
   if (config.mode === "rcpt") return newSession(config, "ready", null);
@@ -309,22 +260,11 @@ export function overloadSession(config: SessionConfig): Session {
   return newSession(config, "refuse", "overload");
 }
 
-function newSession(
-  config: SessionConfig,
-  first: "ready" | "refuse",
-  end: EndReason | null,
-): Session {
+function newSession(config: SessionConfig, first: "ready" | "refuse", end: CoreEnd | null) {
   const replies = repliesFor(config.name);
   const greeting = { send: replies[first], lines: 0, end };
-  return {
-    config,
-    replies,
-    greeting,
-    partial: null,
-    received: 0,
-    over: end !== null,
-    inTransaction: false,
-  };
+  const over = end !== null;
+  return { config, replies, greeting, partial: null, received: 0, over, inTransaction: false };
 }
 
 /** Feed received bytes; bytes after the end are ignored. */
@@ -333,24 +273,15 @@ export function receive(session: Session, chunk: Uint8Array): Step {
   if (session.received === 0 && session.partial === null && chunk[0] === TLS_HANDSHAKE) {
     return finish(session, "", 0, "forbidden");
   }
-  const bytes = Buffer.isBuffer(chunk)
-    ? chunk
-    : Buffer.from(chunk.buffer, chunk.byteOffset, chunk.length);
-  let send = "";
-  let lines = 0;
-  let start = 0;
+  const bytes = Buffer.from(chunk.buffer, chunk.byteOffset, chunk.length);
+  let [send, lines, start] = ["", 0, 0];
   for (let lf = bytes.indexOf(LF); lf >= 0; lf = bytes.indexOf(LF, start)) {
     const partial = session.partial;
     if ((partial?.length ?? 0) + lf - start + 1 > MAX_LINE) {
       return finish(session, send + tooLong(session), lines, "too-long");
     }
-    const line = partial
-      ? lineText(
-        Buffer.concat([partial, bytes.subarray(start, lf)]),
-        0,
-        partial.length + lf - start,
-      )
-      : lineText(bytes, start, lf);
+    const whole = partial && Buffer.concat([partial, bytes.subarray(start, lf)]);
+    const line = whole ? lineText(whole, 0, whole.length) : lineText(bytes, start, lf);
     session.partial = null;
     start = lf + 1;
     lines++;
@@ -376,9 +307,8 @@ export function receive(session: Session, chunk: Uint8Array): Step {
 }
 
 /**
- * The line in `bytes` from `start` to its LF at `lf`, without one CR and then
- * without trailing blanks (no command needs them), trimmed by a loop over the
- * bytes: a pattern such as /[ \t]+$/ costs the square of a run of blanks.
+ * The line from `start` to its LF at `lf`, without one CR, then without trailing blanks (no
+ * command needs them), by a loop: a pattern such as /[ \t]+$/ costs a run of blanks squared.
  */
 function lineText(bytes: Buffer, start: number, lf: number): string {
   let end = lf > start && bytes[lf - 1] === CR ? lf - 1 : lf;
@@ -386,7 +316,7 @@ function lineText(bytes: Buffer, start: number, lf: number): string {
   return bytes.toString("latin1", start, end);
 }
 
-function finish(session: Session, send: string, lines: number, end: EndReason): Step {
+function finish(session: Session, send: string, lines: number, end: CoreEnd): Step {
   session.over = true;
   session.partial = null;
   return { send, lines, end };
@@ -403,45 +333,30 @@ function greetAnswer({ replies }: Session, line: string): Answer {
 
 /** SMTP verbs smtp521 knows but will not run (RFC 5321 §4.2.4: 502). */
 const NOT_IMPLEMENTED = new Set(
-  [
-    "VRFY",
-    "EXPN",
-    "HELP",
-    "STARTTLS",
-    "AUTH",
-    "BDAT",
-    "ETRN",
-    "ATRN",
-    "TURN",
-    "SEND",
-    "SOML",
-    "SAML",
-  ],
+  "VRFY EXPN HELP STARTTLS AUTH BDAT ETRN ATRN TURN SEND SOML SAML".split(" "),
 );
 const VERB = /^[A-Za-z]{1,8}$/;
-// Arguments are read by search, not by one pattern: a pattern that fails late
-// backtracks over the whole line.
+// Arguments are read by search, not one pattern: one that fails late backtracks over the line.
 const NOT_IN_PATH = /[^\x21-\x3b\x3d\x3f-\x7e]/;
 
 /**
- * RFC 5321 §4.1.1.2-3: `FROM:<path>` or `TO:<path>` (one space allowed before
- * `<`, as many clients send it), then optional ESMTP parameters; the path, or null.
+ * RFC 5321 §4.1.1.2-3: `FROM:<path>` or `TO:<path>` (one space allowed before `<`, as many
+ * clients send it), then optional ESMTP parameters; the path, or null.
  */
 function pathArgument(args: string, keyword: "FROM:" | "TO:"): string | null {
   if (args.slice(0, keyword.length).toUpperCase() !== keyword) return null;
   const open = args.charCodeAt(keyword.length) === SPACE ? keyword.length + 1 : keyword.length;
   const close = args.indexOf(">", open);
   if (args[open] !== "<" || close < 0 || close - open + 1 > MAX_PATH) return null;
-  // ESMTP parameters must follow a space; no extension is offered, so none is read or echoed.
+  // Parameters must follow a space; no extension is offered, so none is read or echoed.
   const badParameters = close + 1 < args.length && args[close + 1] !== " ";
   const path = args.slice(open + 1, close);
   return badParameters || NOT_IN_PATH.test(path) ? null : path;
 }
 
 /**
- * RFC 1846 §3: a relay dialog in which every recipient is refused. The only
- * client text a reply may carry is a recipient domain that `checkedDomain`
- * accepted; anything else in its place is the server's own name.
+ * RFC 1846 §3: a relay dialog in which every recipient is refused. The only client text a reply
+ * may carry is a recipient domain that `checkedDomain` accepted; else the server's own name.
  */
 function rcptAnswer(session: Session, line: string): Answer {
   const { replies } = session;
@@ -496,12 +411,12 @@ function recipient({ config, replies }: Session, path: string): string {
   return rcptRefusal(config.rcptCode, domain);
 }
 
-// ---------------------------------------------------------------------------
-// Transports: thin adapters that own sockets, timers and limits, and send
-// only what the session core returns.
-// ---------------------------------------------------------------------------
+// ---------------------------------------------------------------------------------------------
+// Transports: thin adapters that own sockets, timers and limits, and send only what the session
+// core returns.
+// ---------------------------------------------------------------------------------------------
 
-// --- Limits ------------------------------------------------------------------
+// --- Limits ----------------------------------------------------------------------------------
 
 /** The defaults of `serve`, and so of the flags that set them (`FLAGS`, README "Flags"). */
 const DEFAULTS = {
@@ -517,9 +432,8 @@ const DEFAULTS = {
 } as const;
 
 /**
- * Lines per session by mode. A relay must take 100 recipients in one
- * transaction (RFC 5321 §4.5.3.1.8), so `rcpt` mode allows EHLO, MAIL, 100
- * RCPT, DATA, QUIT and room to spare: every recipient is refused in one session.
+ * Lines per session by mode. A relay must take 100 recipients in one transaction (RFC 5321
+ * §4.5.3.1.8), so `rcpt` mode allows EHLO, MAIL, 100 RCPT, DATA, QUIT and room to spare.
  */
 export const MAX_COMMANDS: Readonly<Record<Mode, number>> = { greet: 20, close: 20, rcpt: 120 };
 
@@ -529,11 +443,9 @@ const LINGER_MS = 2000;
 const LINGER_BYTES = 64 * 1024;
 
 /**
- * Every session's deadline on one interval timer, not a timer each (a timer
- * costs memory per connection). It stops at the first sweep that finds no
- * session open (not at each close: sessions one after another would start and
- * stop it every time), so a finished stdio session lets the process exit. The
- * open sessions are an array with swap-remove: a Set rehashing under churn kept
+ * Every session's deadline on one interval timer, not a timer each (memory per connection). It
+ * stops at the first sweep that finds no session open, so a finished stdio session lets the
+ * process exit. Open sessions are an array with swap-remove: a Set rehashing under churn kept
  * finished sockets alive through V8 scavenges (bench/HISTORY.md).
  */
 function deadlines(idleMs: number, maxDurationMs: number) {
@@ -567,7 +479,7 @@ function deadlines(idleMs: number, maxDurationMs: number) {
 }
 type Deadlines = ReturnType<typeof deadlines>;
 
-// --- One conversation --------------------------------------------------------
+// --- One conversation ------------------------------------------------------------------------
 
 /** A byte stream both ways: a TCP socket, Deno's own connection, or stdin and stdout joined. */
 interface Conduit {
@@ -577,7 +489,6 @@ interface Conduit {
   destroy(): void;
   pause(): void;
   resume(): void;
-  isPaused(): boolean;
   on(event: "data", listener: (chunk: Uint8Array) => void): void;
   on(event: "end" | "close" | "error", listener: () => void): void;
   once(event: "drain", listener: () => void): void;
@@ -588,20 +499,14 @@ interface Conversation {
   readonly conduit: Conduit;
   readonly session: Session;
   readonly started: number;
-  /** When the deadlines act: the idle or whole-life deadline, then the end of the linger. */
-  at: number;
-  /** The place in the deadlines' list. */
-  slot: number;
-  /** Set once the last reply is out: the conversation lingers, then ends for this reason. */
-  end: EndReason | null;
-  /** Bytes read and discarded while lingering. */
-  discarded: number;
+  at: number; // when the deadlines act: idle or whole-life deadline, then the end of the linger
+  slot: number; // the place in the deadlines' list
+  end: EndReason | null; // set once the last reply is out: it lingers, then ends for this reason
 }
 
 /**
- * Run one session over a conduit: send what the core returns, pause reading
- * while the peer does not read, keep the deadlines, close lingering, and call
- * `ended` once the conduit has closed.
+ * Run one session over a conduit: send what the core returns, pause reading while the peer does
+ * not read, keep the deadlines, close lingering, and call `ended` once the conduit has closed.
  */
 function converse(
   conduit: Conduit,
@@ -616,16 +521,16 @@ function converse(
     at: 0,
     slot: -1,
     end: null,
-    discarded: 0,
   };
+  let discarded = 0; // bytes read and discarded while lingering
   clock.restart(conversation);
   clock.add(conversation);
   conduit.on("data", (chunk) => {
     if (conversation.end === null) perform(conversation, receive(session, chunk), clock);
-    else if ((conversation.discarded += chunk.length) > LINGER_BYTES) conduit.pause();
+    else if ((discarded += chunk.length) > LINGER_BYTES) conduit.pause();
   });
-  // A TCP socket ends its own side when the client's FIN comes, then closes;
-  // stdin and stdout joined, and Deno's connection, must be told.
+  // A TCP socket ends its own side when the client's FIN comes, then closes; stdin and stdout
+  // joined, and Deno's connection, must be told.
   if (!(conduit instanceof Socket)) conduit.on("end", () => linger(conversation, "client-closed"));
   conduit.on("error", () => stop(conversation, "reset"));
   conduit.on("close", () => {
@@ -647,15 +552,14 @@ function perform(conversation: Conversation, step: Step, clock: Deadlines): void
 }
 
 /**
- * Send the last reply and a FIN, then read and discard for LINGER_MS before
- * destroying, so a client still sending gets the reply, not a reset that eats it.
+ * Send the last reply and a FIN, then read and discard for LINGER_MS before destroying, so a
+ * client still sending gets the reply, not a reset that eats it.
  */
 function linger(conversation: Conversation, reason: EndReason): void {
   if (conversation.end) return;
   conversation.end = reason;
   conversation.conduit.end();
-  // A reader paused for a peer that did not read resumes, to discard its late bytes.
-  if (conversation.conduit.isPaused()) conversation.conduit.resume();
+  conversation.conduit.resume(); // if paused for a peer that did not read: discard its bytes
   conversation.at = Date.now() + LINGER_MS;
 }
 
@@ -665,28 +569,22 @@ function stop(conversation: Conversation, reason: EndReason): void {
   conversation.conduit.destroy();
 }
 
-// --- Listeners ---------------------------------------------------------------
+// --- Listeners -------------------------------------------------------------------------------
 
 /** Where to listen: an address and port ("" = every address), or an inherited socket. */
-export type ListenAddress = { readonly host: string; readonly port: number } | {
-  readonly fd: number;
-};
+export type ListenAddress = Readonly<{ host: string; port: number } | { fd: number }>;
 
+type Errno = NodeJS.ErrnoException;
+type SocketEnds = "remoteAddress" | "remotePort" | "localAddress" | "localPort";
 /** A connection: its byte stream, and its two ends where the runtime knows them. */
-type Connection =
-  & Conduit
-  & Partial<Pick<Socket, "remoteAddress" | "remotePort" | "localAddress" | "localPort">>;
+type Connection = Conduit & Partial<Pick<Socket, SocketEnds>>;
 
-/** A bound listener, over node:net or Deno's own API. */
-interface Listener {
+/** A bound listener: `start` hands on each connection, and any trouble accepting. */
+type Listener = {
   readonly address: AddressInfo;
-  /** Hand each accepted connection to `accepted`; trouble accepting goes to `failed`. */
-  start(
-    accepted: (connection: Connection) => void,
-    failed: (error: NodeJS.ErrnoException) => void,
-  ): void;
+  start(accepted: (connection: Connection) => void, failed: (error: Errno) => void): void;
   close(): void;
-}
+};
 
 function bindNode(where: ListenAddress): Promise<Listener> {
   const server = createServer();
@@ -703,23 +601,19 @@ function bindNode(where: ListenAddress): Promise<Listener> {
 }
 
 /**
- * Deno's own listener. Deno's node:net listener stops accepting for good after
- * one EMFILE and loses the greeting of a client that half-closes at once;
- * `Deno.listen` reports EMFILE and goes on once descriptors free up.
+ * Deno's own listener. Deno's node:net listener stops accepting for good after one EMFILE and
+ * loses the greeting of a client that half-closes at once; `Deno.listen` reports EMFILE and
+ * goes on once descriptors free up.
  */
 function bindDeno({ host, port }: { host: string; port: number }): Listener {
   const listener = deno!.listen({ hostname: host, port, transport: "tcp" });
-  const { hostname } = listener.addr;
+  const { hostname: address } = listener.addr;
   let open = true;
   return {
-    address: {
-      address: hostname,
-      family: hostname.includes(":") ? "IPv6" : "IPv4",
-      port: listener.addr.port,
-    },
+    address: { address, family: address.includes(":") ? "IPv6" : "IPv4", port: listener.addr.port },
     async start(accepted, failed) {
       while (open) {
-        const conn = await listener.accept().catch((error) => error as NodeJS.ErrnoException);
+        const conn = await listener.accept().catch((error: Errno) => error);
         if (!(conn instanceof Error)) accepted(denoConnection(conn));
         else if (open) {
           failed(conn);
@@ -740,16 +634,15 @@ const DENO_READ_BYTES = 1024;
 const DENO_HIGH_WATER = 64 * 1024;
 
 /**
- * A Deno connection as a Conduit: node:net's events over Deno's promises. One
- * listener per event is all `converse` sets, so they are kept in a plain object.
+ * A Deno connection as a Conduit: node:net's events over Deno's promises. `converse` sets one
+ * listener per event (and resumes at every drain), so they are kept in a plain object.
  */
 function denoConnection(conn: DenoConn): Connection {
   const on: Record<string, ((chunk?: Uint8Array) => void) | undefined> = {};
+  const listen = (event: string, listener: (chunk?: Uint8Array) => void) => on[event] = listener;
   let writes: Promise<void> | null = null; // the writes in flight, in order
-  let queued = 0;
-  let paused = false;
-  let wake: (() => void) | null = null;
-  let [gone, ourEnd, theirEnd] = [false, false, false]; // destroyed; our side ended; the client's
+  let [queued, paused, gone, ourEnd, theirEnd] = [0, false, false, false, false];
+  let wake: (() => void) | undefined; // the reader, waiting while paused
   const destroy = () => {
     if (gone) return;
     gone = true;
@@ -763,12 +656,11 @@ function denoConnection(conn: DenoConn): Connection {
     if (!gone) on.error?.();
     destroy();
   };
-  /** Run `next` after the writes in flight, in order. */
+  /** Run `next` after the writes in flight. */
   const then = (next: () => Promise<unknown>) => {
-    const done = () => {
+    const chained: Promise<void> = (writes ? writes.then(next) : next()).then(() => {
       if (writes === chained) writes = null;
-    };
-    const chained: Promise<void> = (writes ? writes.then(next) : next()).then(done, failed);
+    }, failed);
     writes = chained;
   };
   // Both sides ended and everything written: nothing is left to linger for.
@@ -781,34 +673,6 @@ function denoConnection(conn: DenoConn): Connection {
       if ((queued -= bytes.length) === 0) on.drain?.();
     });
     return queued < DENO_HIGH_WATER;
-  };
-  const connection = {
-    remoteAddress: conn.remoteAddr.hostname,
-    remotePort: conn.remoteAddr.port,
-    localAddress: conn.localAddr.hostname,
-    on(event: string, listener: (chunk?: Uint8Array) => void) {
-      on[event] = listener;
-    },
-    once(_drain: "drain", listener: () => void) {
-      on.drain = () => {
-        on.drain = undefined;
-        listener();
-      };
-    },
-    write,
-    end(last?: string, done?: () => void) {
-      if (last) write(last);
-      ourEnd = true;
-      then(() => conn.closeWrite().then(done));
-      closeIfDone();
-    },
-    destroy,
-    pause: () => void (paused = true),
-    resume() {
-      paused = false;
-      wake?.();
-    },
-    isPaused: () => paused,
   };
   (async () => {
     const buffer = new Uint8Array(DENO_READ_BYTES);
@@ -824,34 +688,47 @@ function denoConnection(conn: DenoConn): Connection {
       if (n && !gone) on.data?.(buffer.subarray(0, n));
     }
   })();
-  return connection as Connection;
+  return {
+    remoteAddress: conn.remoteAddr.hostname,
+    remotePort: conn.remoteAddr.port,
+    localAddress: conn.localAddr.hostname,
+    on: listen,
+    once: listen,
+    write,
+    destroy,
+    end(last?: string, done?: () => void) {
+      if (last) write(last);
+      ourEnd = true;
+      then(() => conn.closeWrite().then(done));
+      closeIfDone();
+    },
+    pause: () => void (paused = true),
+    resume() {
+      paused = false;
+      wake?.();
+    },
+  } as Connection;
 }
 
-function bind(where: ListenAddress): Promise<Listener> {
+function bindOne(where: ListenAddress): Promise<Listener> {
   if (!deno || "fd" in where) return bindNode(where);
   return new Promise((resolve) => resolve(bindDeno(where))); // a failure to bind rejects
 }
 
 /** "Every address" is `::` (IPv4 too), or `0.0.0.0` where IPv6 is absent. */
-async function bindAll(where: ListenAddress): Promise<Listener> {
-  if ("fd" in where || where.host) return await bind(where);
-  try {
-    return await bind({ host: "::", port: where.port });
-  } catch (error) {
-    const code = (error as NodeJS.ErrnoException).code;
-    if (code !== "EAFNOSUPPORT" && code !== "EADDRNOTAVAIL") throw error;
-    return await bind({ host: "0.0.0.0", port: where.port });
-  }
+async function bind(where: ListenAddress): Promise<Listener> {
+  if ("fd" in where || where.host) return await bindOne(where);
+  return await bindOne({ host: "::", port: where.port }).catch((error: Errno) => {
+    if (error.code !== "EAFNOSUPPORT" && error.code !== "EADDRNOTAVAIL") throw error;
+    return bindOne({ host: "0.0.0.0", port: where.port });
+  });
 }
 
+type Fields = Readonly<Record<string, string | number>>;
 /** Structured log: an event, its fields, and when it happened if not now (ms since the epoch). */
-export type Log = (
-  event: string,
-  fields: Readonly<Record<string, string | number>>,
-  at?: number,
-) => void;
+export type Log = (event: string, fields: Fields, at?: number) => void;
 
-/** The options of `serve`; `DEFAULTS` has the defaults (the flags of the same names set them). */
+/** The options of `serve`, set by the flags of the same names (README "Flags"). */
 export interface ServeOptions {
   /** @default "greet" */
   readonly mode?: Mode;
@@ -878,47 +755,40 @@ export interface ServeOptions {
 }
 
 export interface Smtp521Server {
-  /** The bound addresses, with their actual ports. */
-  readonly addresses: readonly AddressInfo[];
-  /** Where the name in replies came from: `--hostname`, `system`, or `local-address`. */
-  readonly name: { readonly value: string; readonly source: string };
-  /** Open session sockets, lingering ones included. */
-  connections(): number;
+  readonly addresses: readonly AddressInfo[]; // bound, with their actual ports
+  readonly name: Name; // the name in replies
+  connections(): number; // open session sockets, lingering ones included
   /** Stop accepting, let sessions end for `drainMs`, close the rest; sessions by end reason. */
   close(drainMs?: number): Promise<Record<string, number>>;
 }
 
-/** The name in replies: the flag, else a fully qualified system name; null: local addresses. */
-function fixedName(hostname: string | undefined): { value: string; source: string } | null {
+/** The name in replies, and where it came from: `--hostname`, `system` or `local-address`. */
+type Name = { readonly value: string; readonly source: string };
+
+/** The flag's name, else a fully qualified system name; null: each connection's local address. */
+function fixedName(hostname: string | undefined): Name | null {
   if (hostname) return { value: hostname, source: "--hostname" };
   const system = systemName();
   return system?.includes(".") ? { value: system, source: "system" } : null;
 }
 
-/** The options with every default filled in, and the session config for a name. */
+/** What a session's log line says of its connection: the client, and the port it reached. */
+type Ends = { readonly remote: string; readonly local_port: number | string };
+
+/** The options with every default filled in, a session config for a name, and the session log. */
 function settle<T extends ServeOptions>(options: T) {
   const settings = { ...DEFAULTS, ...options };
-  const { mode, rcptCode, domains } = settings;
+  const { mode, rcptCode, domains, log } = settings;
   const maxCommands = options.maxCommands ?? MAX_COMMANDS[mode];
   const config = (name: string): SessionConfig => ({ mode, name, maxCommands, rcptCode, domains });
-  return { ...settings, config };
-}
-
-/** The one line of a finished session, over TCP and stdio alike (README "Logs and signals"). */
-function logSession(
-  { log, mode }: { log: Log; mode: Mode },
-  remote: string,
-  localPort: number | string,
-  end: EndReason,
-  started = Date.now(),
-  lines = 0,
-): void {
-  const at = Date.now();
-  log(
-    "session",
-    { remote, local_port: localPort, mode, duration_ms: at - started, lines, end },
-    at,
-  );
+  /** The one line of a finished session, over TCP and stdio alike (README "Logs and signals"). */
+  const logSession = (ends: Ends, end: EndReason, conversation?: Conversation) => {
+    const at = Date.now();
+    const duration_ms = conversation ? at - conversation.started : 0;
+    const lines = conversation?.session.received ?? 0;
+    log("session", { ...ends, mode, duration_ms, lines, end }, at);
+  };
+  return { ...settings, config, logSession };
 }
 
 /** Serve smtp521 on TCP until `close()`. Rejects if any address cannot be bound. */
@@ -926,95 +796,80 @@ export async function serve(options: ServeOptions = {}): Promise<Smtp521Server> 
   const settings = settle(options);
   const name = fixedName(settings.hostname);
   const fixedConfig = name && settings.config(name.value);
-  const perNetwork = new Map<string, number>();
   const clock = deadlines(settings.timeoutMs, settings.maxDurationMs);
+  const perNetwork = new Map<string, number>();
   const endings: Record<string, number> = {};
   const room = descriptorRoom();
   let [open, overloaded, lastWarning] = [0, 0, 0];
 
-  /** Count a finished session, and log it. */
-  function record(
-    remote: string,
-    localPort: number,
-    end: EndReason,
-    started?: number,
-    lines?: number,
-  ) {
+  const record = (ends: Ends, end: EndReason, conversation?: Conversation) => {
     endings[end] = (endings[end] ?? 0) + 1;
-    logSession(settings, remote, localPort, end, started, lines);
-  }
+    settings.logSession(ends, end, conversation);
+  };
 
-  /** A connection on a listener bound to `localIp` (if not a wildcard) and `localPort`. */
-  function accept(connection: Connection, localIp: string | undefined, localPort: number) {
+  /** Trouble accepting (out of descriptors) is logged at most once a second. */
+  const warn = (error: string, detail: string) => {
+    if (Date.now() - lastWarning < 1000) return;
+    lastWarning = Date.now();
+    settings.log("error", { error, detail });
+  };
+
+  /** A connection on a listener bound to `localIp` (if not a wildcard) and `local_port`. */
+  const accept = (connection: Connection, localIp: string | undefined, local_port: number) => {
     const ip = connection.remoteAddress ? plainAddress(connection.remoteAddress) : "";
     const local = localIp ?? connection.localAddress;
-    const remote = ip ? hostPort(ip, connection.remotePort ?? 0) : "-";
+    const ends = { remote: ip ? hostPort(ip, connection.remotePort ?? 0) : "-", local_port };
     if (!ip || !local) { // reset while it waited to be accepted
       connection.destroy();
-      return record(remote, localPort, "reset");
+      return record(ends, "reset");
     }
     const config = fixedConfig || settings.config(addressLiteral(local));
     const network = clientNetwork(ip);
     const fromNetwork = perNetwork.get(network) ?? 0;
     const over = open >= settings.maxConnections || fromNetwork >= settings.maxPerIp;
-    if (open + overloaded >= room) {
-      warn("EMFILE", `near the descriptor limit: ${open + overloaded} sockets open`);
-    }
-    if ((over && overloaded >= settings.maxConnections) || open + overloaded >= room) {
+    const full = open + overloaded >= room;
+    if (full) warn("EMFILE", `near the descriptor limit: ${open + overloaded} sockets open`);
+    if (full || (over && overloaded >= settings.maxConnections)) {
       // Even the lingering of refusals is bounded; past it, greet and drop.
       connection.on("error", () => {});
       connection.end(overloadSession(config).greeting.send, () => connection.destroy());
-      return record(remote, localPort, "overload");
+      return record(ends, "overload");
     }
     if (over) overloaded++;
     else {
       open++;
       perNetwork.set(network, fromNetwork + 1);
     }
-    converse(
-      connection,
-      (over ? overloadSession : createSession)(config),
-      clock,
-      (conversation) => {
-        if (over) overloaded--;
-        else {
-          open--;
-          const left = perNetwork.get(network)! - 1;
-          if (left) perNetwork.set(network, left);
-          else perNetwork.delete(network);
-        }
-        const { end, started, session } = conversation;
-        record(remote, localPort, end!, started, session.received);
-      },
-    );
-  }
-
-  /** Trouble accepting (out of descriptors) is logged at most once a second. */
-  function warn(error: string, detail: string) {
-    if (Date.now() - lastWarning < 1000) return;
-    lastWarning = Date.now();
-    settings.log("error", { error, detail });
-  }
+    converse(connection, (over ? overloadSession : createSession)(config), clock, (ended) => {
+      if (over) overloaded--;
+      else {
+        open--;
+        const left = perNetwork.get(network)! - 1;
+        if (left) perNetwork.set(network, left);
+        else perNetwork.delete(network);
+      }
+      record(ends, ended.end!, ended);
+    });
+  };
 
   const listeners: Listener[] = [];
   try {
-    for (const where of settings.listen) listeners.push(await bindAll(where));
+    for (const where of settings.listen) listeners.push(await bind(where));
   } catch (error) {
-    for (const listener of listeners) listener.close();
-    throw Object.assign(error as Error, {
-      listen: describeListen(settings.listen[listeners.length]),
-    });
+    listeners.forEach((listener) => listener.close());
+    const where = settings.listen[listeners.length];
+    const listen = "fd" in where ? `fd:${where.fd}` : hostPort(where.host || "::", where.port);
+    throw Object.assign(error as Error, { listen });
   }
   for (const { address, start } of listeners) {
     // The listener's own address and port stand for the socket's, saving a getsockname each.
     const localIp = ["::", "0.0.0.0", ""].includes(address.address) ? undefined : address.address;
-    start((connection) => accept(connection, localIp, address.port), (error) => {
-      warn(error.code ?? "accept", error.message);
-    });
+    const failed = (error: Errno) => warn(error.code ?? "accept", error.message);
+    start((connection) => accept(connection, localIp, address.port), failed);
   }
 
   async function close(drainMs = 5000): Promise<Record<string, number>> {
-    for (const listener of listeners) listener.close();
+    listeners.forEach((listener) => listener.close());
     const deadline = Date.now() + drainMs;
     while (open + overloaded > 0 && Date.now() < deadline) await sleep(50);
     clock.stopAll("shutdown");
@@ -1031,13 +886,12 @@ export async function serve(options: ServeOptions = {}): Promise<Smtp521Server> 
   };
 }
 
-/** Descriptors the runtime itself holds (event loop, stdio, workers): about 25 measured. */
+/** Descriptors the runtime itself holds (event loop, stdio, workers), with room to spare. */
 const RESERVED_DESCRIPTORS = 32;
 
 /**
- * How many sockets fit under the descriptor limit (Linux, where it may be
- * read). Staying under it keeps Node's and Bun's accept loops off EMFILE,
- * which they absorb silently.
+ * How many sockets fit under the descriptor limit (Linux, where it may be read). Staying under
+ * it keeps Node's and Bun's accept loops off EMFILE, which they absorb silently.
  */
 function descriptorRoom(): number {
   if (!mayRead({ name: "read", path: "/proc/self/limits" })) return Infinity;
@@ -1049,49 +903,48 @@ function descriptorRoom(): number {
   }
 }
 
-function describeListen(where: ListenAddress): string {
-  return "fd" in where ? `fd:${where.fd}` : hostPort(where.host || "::", where.port);
-}
-
 const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
 
-// --- Stdio -------------------------------------------------------------------
+// --- Stdio -----------------------------------------------------------------------------------
 
 export type StdioOptions = Omit<ServeOptions, "listen" | "maxConnections" | "maxPerIp">;
 
 /**
- * `--stdio`: one session on standard input and output, as inetd, xinetd,
- * systemd `Accept=yes`, tcpserver and socat run it. Resolves with the end
- * reason once the session is over and its replies are flushed.
+ * `--stdio`: one session on standard input and output, as inetd, xinetd, systemd `Accept=yes`,
+ * tcpserver and socat run it. `done` resolves with the end reason once the session is over and
+ * its replies are flushed.
  */
-export function serveStdio(
-  options: StdioOptions = {},
-): { done: Promise<EndReason>; stop(reason: EndReason): void } {
+export function serveStdio(options: StdioOptions = {}) {
   const settings = settle(options);
   const conduit = stdioConduit();
   // The socket's own addresses where it has them; else tcpserver's and systemd's variables.
-  const ip = conduit.remoteAddress ?? readEnv("TCPREMOTEIP") ?? readEnv("REMOTE_ADDR") ??
-    readEnv("REMOTE_HOST");
-  const port = conduit.remotePort ?? readEnv("TCPREMOTEPORT") ?? readEnv("REMOTE_PORT") ?? "-";
-  const localPort = conduit.localPort ?? readEnv("TCPLOCALPORT") ?? "-";
+  const env = (...names: string[]) => names.map(readEnv).find((value) => value !== undefined);
+  const ip = conduit.remoteAddress ?? env("TCPREMOTEIP", "REMOTE_ADDR", "REMOTE_HOST");
+  const port = conduit.remotePort ?? env("TCPREMOTEPORT", "REMOTE_PORT") ?? "-";
   const remote = ip ? hostPort(plainAddress(ip), port) : "-";
-  const name = stdioName(settings.hostname, conduit.localAddress, settings.log);
+  const ends = { remote, local_port: conduit.localPort ?? env("TCPLOCALPORT") ?? "-" };
+  const local = conduit.localAddress ?? env("TCPLOCALIP");
+  const name = fixedName(settings.hostname)?.value ??
+    (local && isIP(plainAddress(local)) ? addressLiteral(local) : null) ??
+    checkedDomain(env("TCPLOCALHOST") ?? "") ?? systemName();
+  if (!name) {
+    settings.log("warning", { detail: "no name for replies: using localhost; pass --hostname" });
+  }
   const clock = deadlines(settings.timeoutMs, settings.maxDurationMs);
   const done = new Promise<EndReason>((resolve) => {
-    converse(conduit, createSession(settings.config(name)), clock, ({ end, started, session }) => {
-      logSession(settings, remote, localPort, end!, started, session.received);
-      resolve(end!);
+    converse(conduit, createSession(settings.config(name ?? "localhost")), clock, (ended) => {
+      settings.logSession(ends, ended.end!, ended);
+      resolve(ended.end!);
     });
   });
   return { done, stop: clock.stopAll };
 }
 
 /**
- * Stdin and stdout as one conduit. Where they are one socket (inetd, systemd
- * `Accept=yes`, socat), its addresses name the ends, and on Node the session
- * runs over that socket, for a real half-close. Bun cannot open descriptor 0
- * as a socket, and Deno's node:net socket loses the greeting of a client that
- * half-closes at once: there the session runs over stdin and stdout joined.
+ * Stdin and stdout as one conduit. Where they are one socket (inetd, systemd `Accept=yes`,
+ * socat), its addresses name the ends, and on Node the session runs over that socket, for a real
+ * half-close. Bun cannot open descriptor 0 as a socket, and Deno's node:net socket loses the
+ * greeting of a client that half-closes at once: there the session runs over both joined.
  */
 function stdioConduit(): Connection {
   const [input, output] = [fstatSync(0), fstatSync(1)];
@@ -1106,27 +959,11 @@ function stdioConduit(): Connection {
   return Object.assign(joined, { localAddress, localPort, remoteAddress, remotePort });
 }
 
-/** The name for a stdio session, from the best source the runtime allows (README "Deploying"). */
-function stdioName(
-  hostname: string | undefined,
-  localAddress: string | undefined,
-  log: Log,
-): string {
-  const fixed = fixedName(hostname);
-  if (fixed) return fixed.value;
-  const local = localAddress ?? readEnv("TCPLOCALIP");
-  if (local && isIP(plainAddress(local))) return addressLiteral(local);
-  const named = checkedDomain(readEnv("TCPLOCALHOST") ?? "") ?? systemName();
-  if (named) return named;
-  log("warning", { detail: "no name for replies: using localhost; pass --hostname" });
-  return "localhost";
-}
-
-// ---------------------------------------------------------------------------
-// Options: the flags parseArgs takes, with `DEFAULTS` as their defaults; --help
-// and README "Flags" say the same (the tests hold them to it). A bad flag or
-// value is one line naming it, and exit 2.
-// ---------------------------------------------------------------------------
+// ---------------------------------------------------------------------------------------------
+// Options: the flags parseArgs takes, with `DEFAULTS` as their defaults; --help and README
+// "Flags" say the same (the tests hold them to it). A bad flag or value is one line naming it,
+// and exit 2.
+// ---------------------------------------------------------------------------------------------
 
 export const USAGE = `smtp521 ${VERSION}: refuse all mail with a permanent 521 (RFC 1846, RFC 7504)
 
@@ -1182,15 +1019,7 @@ const FLAGS = {
 
 export type LogFormat = "text" | "json" | "off";
 
-export interface Options extends Required<Omit<ServeOptions, "hostname" | "log">> {
-  readonly hostname: string | undefined;
-  readonly stdio: boolean;
-  readonly drainMs: number;
-  readonly user: string | undefined;
-  readonly logFormat: LogFormat;
-  readonly help: boolean;
-  readonly version: boolean;
-}
+export type Options = ReturnType<typeof checkedOptions>;
 
 /** A configuration error: names the flag and the fix (exit 2). */
 export type UsageError = { readonly error: string };
@@ -1198,50 +1027,52 @@ export type UsageError = { readonly error: string };
 const isError = (value: unknown): value is UsageError =>
   typeof value === "object" && value !== null && "error" in value;
 
-function choice<T extends string>(
-  flag: string,
-  value: string,
-  allowed: readonly T[],
-): T | UsageError {
+/** Stop parsing with the error for `--flag` (parseOptions catches it and returns it). */
+function reject(flag: string, why: string): never {
+  throw { error: `--${flag}: ${why}` } satisfies UsageError;
+}
+
+function choice<T extends string>(flag: string, value: string, allowed: readonly T[]): T {
   if ((allowed as readonly string[]).includes(value)) return value as T;
-  return { error: `--${flag}: "${value}" is not one of ${allowed.join(", ")}` };
+  return reject(flag, `"${value}" is not one of ${allowed.join(", ")}`);
 }
 
-function count(flag: string, value: string, min: number, max: number): number | UsageError {
+function count(flag: string, value: string, max: number): number {
   const n = /^\d+$/.test(value) ? Number(value) : NaN;
-  if (n >= min && n <= max) return n;
-  return { error: `--${flag}: "${value}" must be a whole number from ${min} to ${max}` };
+  return n >= 1 && n <= max
+    ? n
+    : reject(flag, `"${value}" must be a whole number from 1 to ${max}`);
 }
 
-function seconds(flag: string, value: string): number | UsageError {
+function seconds(flag: string, value: string): number {
   const n = /^\d+(\.\d+)?$/.test(value) ? Number(value) : NaN;
   if (n >= 0.1 && n <= 86_400) return Math.round(n * 1000);
-  return { error: `--${flag}: "${value}" must be seconds from 0.1 to 86400` };
+  return reject(flag, `"${value}" must be seconds from 0.1 to 86400`);
 }
 
 /** `ADDR:PORT`, `[IPv6]:PORT`, `:PORT` or `fd:N`. */
-function listenAddress(value: string): ListenAddress | UsageError {
+function listenAddress(value: string): ListenAddress {
   const fd = /^fd:(\d+)$/.exec(value);
   if (fd) return { fd: Number(fd[1]) };
   const parts = /^(?:\[([0-9a-fA-F:.]+)\]|(\d+\.\d+\.\d+\.\d+))?:(\d+)$/.exec(value);
   const host = parts?.[1] ?? parts?.[2] ?? "";
   const port = Number(parts?.[3]);
   if (parts && (!host || isIP(host)) && port <= 65535) return { host, port };
-  return {
-    error: `--listen: "${value}" is not ADDR:PORT, [IPv6]:PORT, :PORT or fd:N (e.g. 192.0.2.1:25)`,
-  };
+  return reject(
+    "listen",
+    `"${value}" is not ADDR:PORT, [IPv6]:PORT, :PORT or fd:N (e.g. 192.0.2.1:25)`,
+  );
 }
-
-type FlagValues = ReturnType<typeof parseArgs<{ options: typeof FLAGS; strict: true }>>["values"];
 
 /** Parse the server's flags. */
 export function parseOptions(args: readonly string[]): Options | UsageError {
-  let values: FlagValues;
   try {
-    values = parseArgs({ args: [...args], options: FLAGS, strict: true }).values;
+    return checkedOptions(parseArgs({ args: [...args], options: FLAGS, strict: true }).values);
   } catch (error) {
-    const flag = /'([^' ]+)/.exec((error as Error).message)?.[1] ?? String(args[0]);
-    const code = (error as NodeJS.ErrnoException).code;
+    if (isError(error)) return error;
+    const { code, message } = error as NodeJS.ErrnoException;
+    if (!code?.startsWith("ERR_PARSE_ARGS")) throw error;
+    const flag = /'([^' ]+)/.exec(message)?.[1] ?? String(args[0]);
     const why = code === "ERR_PARSE_ARGS_UNKNOWN_OPTION"
       ? "unknown flag"
       : code === "ERR_PARSE_ARGS_UNEXPECTED_POSITIONAL"
@@ -1249,77 +1080,55 @@ export function parseOptions(args: readonly string[]): Options | UsageError {
       : "needs a value";
     return { error: `${flag}: ${why}; see --help` };
   }
+}
+
+type FlagValues = ReturnType<typeof parseArgs<{ options: typeof FLAGS; strict: true }>>["values"];
+
+/** Each value checked, in the order of --help; then the flags that do not go together. */
+function checkedOptions(values: FlagValues) {
+  const { hostname, domains, user, port, stdio, help, version } = values;
   const mode = choice("mode", values.mode, ["greet", "close", "rcpt"] as const);
   const logFormat = choice("log", values.log, ["text", "json", "off"] as const);
-  const rcptCode = choice("rcpt-code", values["rcpt-code"], ["521", "556"] as const);
+  const rcptCode = Number(choice("rcpt-code", values["rcpt-code"], ["521", "556"])) as RcptCode;
   const given = values["max-commands"];
-  const maxCommands = given === undefined
-    ? MAX_COMMANDS[mode as Mode] ?? MAX_COMMANDS.greet
-    : count("max-commands", given, 1, 1000);
-  const maxConnections = count("max-connections", values["max-connections"], 1, 1_000_000);
-  const maxPerIp = count("max-per-ip", values["max-per-ip"], 1, 1_000_000);
+  const maxCommands = given === undefined ? MAX_COMMANDS[mode] : count("max-commands", given, 1000);
+  const maxConnections = count("max-connections", values["max-connections"], 1_000_000);
+  const maxPerIp = count("max-per-ip", values["max-per-ip"], 1_000_000);
   const timeoutMs = seconds("timeout", values.timeout);
   const maxDurationMs = seconds("max-duration", values["max-duration"]);
   const drainMs = seconds("drain", values.drain);
-  const { hostname, domains, user, port } = values;
   const listen = (port !== undefined ? [`:${port}`] : values.listen ?? [":25"]).map(listenAddress);
-  const domainList = domains === undefined ? null : parseDomainList(domains);
-  const checked: unknown[] = [mode, logFormat, rcptCode, maxCommands, maxConnections, maxPerIp];
-  const problem = [...checked, timeoutMs, maxDurationMs, drainMs, ...listen].find(isError) ??
-    misuse();
-  if (problem) return problem;
-  return {
-    mode: mode as Mode,
-    hostname: hostname === undefined ? undefined : checkedDomain(hostname)!,
-    listen: listen as ListenAddress[],
-    stdio: values.stdio,
-    domains: domainList as DomainList | null,
-    rcptCode: Number(rcptCode) as RcptCode,
-    maxCommands: maxCommands as number,
-    maxConnections: maxConnections as number,
-    maxPerIp: maxPerIp as number,
-    timeoutMs: timeoutMs as number,
-    maxDurationMs: maxDurationMs as number,
-    drainMs: drainMs as number,
-    user,
-    logFormat: logFormat as LogFormat,
-    help: values.help,
-    version: values.version,
-  };
-
-  /** A value that is well formed but wrong, or flags that do not go together. */
-  function misuse(): UsageError | undefined {
-    if (port !== undefined && values.listen) {
-      return { error: "--port: give either --port or --listen, not both" };
-    }
-    if (hostname !== undefined && !checkedDomain(hostname)) {
-      const example = "(e.g. ntp1.example.org or [192.0.2.1])";
-      return {
-        error: `--hostname: "${hostname}" is not a domain name or address literal ${example}`,
-      };
-    }
-    if (typeof domainList === "string") {
-      const what = "is not a domain, .domain or address literal list (e.g. a.example,.b.example)";
-      return { error: `--domains: "${domainList}" ${what}` };
-    }
-    if (domainList && mode !== "rcpt") {
-      return { error: "--domains: only rcpt mode reads recipients; add --mode rcpt" };
-    }
-    if (user !== undefined && !/^[^:]+(?::[^:]+)?$/.test(user)) {
-      return {
-        error: `--user: "${user}" is not NAME or NAME:GROUP (names or numeric ids, e.g. nobody)`,
-      };
-    }
-    if (values.stdio && (values.listen || port !== undefined)) {
-      return { error: "--stdio: serves one session on stdin/stdout; drop --listen and --port" };
-    }
+  if (port !== undefined && values.listen) {
+    reject("port", "give either --port or --listen, not both");
   }
+  const name = hostname === undefined ? undefined : checkedDomain(hostname);
+  if (name === null) {
+    const example = "(e.g. ntp1.example.org or [192.0.2.1])";
+    reject("hostname", `"${hostname}" is not a domain name or address literal ${example}`);
+  }
+  const list = domains === undefined ? null : parseDomainList(domains);
+  if (typeof list === "string") {
+    const what = "is not a domain, .domain or address literal list (e.g. a.example,.b.example)";
+    reject("domains", `"${list}" ${what}`);
+  }
+  if (list && mode !== "rcpt") {
+    reject("domains", "only rcpt mode reads recipients; add --mode rcpt");
+  }
+  if (user !== undefined && !/^[^:]+(?::[^:]+)?$/.test(user)) {
+    reject("user", `"${user}" is not NAME or NAME:GROUP (names or numeric ids, e.g. nobody)`);
+  }
+  if (stdio && (values.listen || port !== undefined)) {
+    reject("stdio", "serves one session on stdin/stdout; drop --listen and --port");
+  }
+  const limits = { maxCommands, maxConnections, maxPerIp, timeoutMs, maxDurationMs, drainMs };
+  const rest = { stdio, user, logFormat, help, version };
+  return { mode, hostname: name, listen, domains: list, rcptCode, ...limits, ...rest };
 }
 
-// ---------------------------------------------------------------------------
-// Logs: one line per event on standard error, never standard output (under
-// --stdio that is the session).
-// ---------------------------------------------------------------------------
+// ---------------------------------------------------------------------------------------------
+// Logs: one line per event on standard error, never standard output (under --stdio that is the
+// session).
+// ---------------------------------------------------------------------------------------------
 
 /** A logfmt value that needs no quotes: printable ASCII without space, `"`, `=` or `\`. */
 const BARE = /^[\x21\x23-\x3c\x3e-\x5b\x5d-\x7e]+$/;
@@ -1352,11 +1161,10 @@ const LOG_EXIT_MS = 2000;
 export type LogSink = (bytes: Uint8Array, done: (error: Error | null) => void) => void;
 
 /**
- * A log to standard error (or `sink`), one write at a time. The log is never
- * a way to stop the service: a sink that fails (EPIPE once the reader of a pipe
- * is gone, ENOSPC behind a redirect) or stalls costs dropped lines, counted,
- * never a crash or unbounded memory. The first write that gets through after
- * a loss says how many lines were lost; `dropped` counts them all, for the
+ * A log to standard error (or `sink`), one write at a time. The log is never a way to stop the
+ * service: a sink that fails (EPIPE once the reader of a pipe is gone, ENOSPC behind a redirect)
+ * or stalls costs dropped lines, counted, never a crash or unbounded memory. The first write that
+ * gets through after a loss says how many lines were lost; `dropped` counts them all, for the
  * stop line. `flush` waits for what it holds (call it before exit).
  */
 export function createLog(format: LogFormat, sink: LogSink = writeStderr) {
@@ -1409,21 +1217,20 @@ function writeStderr(bytes: Uint8Array, done: (error: Error | null) => void): vo
   });
 }
 
-// ---------------------------------------------------------------------------
+// ---------------------------------------------------------------------------------------------
 // Main: a server, or one stdio session, until SIGTERM or SIGINT.
-// ---------------------------------------------------------------------------
+// ---------------------------------------------------------------------------------------------
 
 /** The fix for a listen failure, by cause. */
 const LISTEN_FIXES: Record<string, string> = {
-  EACCES:
-    "ports below 1024 need root or CAP_NET_BIND_SERVICE (systemd AmbientCapabilities=, setcap), " +
-    "or use a port above 1023",
+  EACCES: "ports below 1024 need root or CAP_NET_BIND_SERVICE (systemd AmbientCapabilities=, " +
+    "setcap), or use a port above 1023",
   EADDRINUSE: "another server (an MTA?) holds that port: stop it, or choose another --listen",
   EADDRNOTAVAIL: "no interface has that address: check --listen",
   EBADF: "no socket was passed on that descriptor: start from a systemd .socket unit, " +
     "or use --listen ADDR:PORT",
-  ENOTSOCK:
-    "that descriptor is not a socket: start from a systemd .socket unit, or use --listen ADDR:PORT",
+  ENOTSOCK: "that descriptor is not a socket: start from a systemd .socket unit, " +
+    "or use --listen ADDR:PORT",
 };
 
 /** What this runtime cannot do safely, by flag (exit 2). */
@@ -1440,9 +1247,9 @@ function unsupported({ listen, user }: Options): string | null {
 }
 
 /**
- * `--user NAME[:GROUP]`, names or numeric ids: supplementary groups, gid, then
- * uid, after binding (Node, Bun). A user named by number may have no passwd
- * entry to take groups from: its only group is then the one given.
+ * `--user NAME[:GROUP]`, names or numeric ids: supplementary groups, gid, then uid, after
+ * binding (Node, Bun). A user named by number may have no passwd entry to take groups from: its
+ * only group is then the one given.
  */
 function dropPrivileges(spec: string): Record<string, string | number> {
   const [user, group] = spec.split(":").map((id) => /^\d+$/.test(id) ? Number(id) : id);
@@ -1462,20 +1269,16 @@ function primaryGroup(user: string | number): number | undefined {
   return entry?.[3] ? Number(entry[3]) : undefined;
 }
 
-/** Text on stdout or (with the program's name) stderr, then the exit code, once it is written. */
-function say(
-  text: string,
-  code: number,
-  to: NodeJS.WritableStream = process.stderr,
-): Promise<number> {
+/** Text on stderr (after the program's name) or stdout, then the exit code, once it is out. */
+function say(text: string, code: number, to: NodeJS.WritableStream = process.stderr) {
   const line = to === process.stderr ? `smtp521: ${text}\n` : text;
-  return new Promise((resolve) => to.write(line, () => resolve(code)));
+  return new Promise<number>((resolve) => to.write(line, () => resolve(code)));
 }
 
 /** The first SIGTERM or SIGINT resolves; each later one calls `again` (stop draining). */
 function signalled(again: () => void): Promise<string> {
+  let first = true;
   return new Promise((resolve) => {
-    let first = true;
     for (const signal of ["SIGTERM", "SIGINT"] as const) {
       process.on(signal, () => {
         if (first) resolve(signal);
@@ -1489,9 +1292,9 @@ function signalled(again: () => void): Promise<string> {
 export async function main(args: readonly string[]): Promise<number> {
   process.stderr.on("error", () => {}); // a closed standard error is never fatal (the log counts)
   if (args[0] === "probe") {
+    const example = "deno run --allow-net probe.ts --domain ntp1.example.org";
     return await say(
-      "probe: the probe is its own file: run probe.ts from a workstation " +
-        "(e.g. deno run --allow-net probe.ts --domain ntp1.example.org)",
+      `probe: the probe is its own file: run probe.ts from a workstation (e.g. ${example})`,
       2,
     );
   }
@@ -1502,11 +1305,10 @@ export async function main(args: readonly string[]): Promise<number> {
   const cannot = unsupported(options);
   if (cannot) return await say(cannot, 2);
   const { log, flush, dropped } = createLog(options.logFormat);
-  const common = { ...options, log };
   process.on("SIGHUP", () => log("signal", { signal: "SIGHUP", action: "ignored" }));
 
   if (options.stdio) {
-    const session = serveStdio(common);
+    const session = serveStdio({ ...options, log });
     const stop = () => session.stop("shutdown");
     signalled(stop).then(stop);
     await session.done;
@@ -1516,7 +1318,7 @@ export async function main(args: readonly string[]): Promise<number> {
 
   let server: Smtp521Server;
   try {
-    server = await serve(common);
+    server = await serve({ ...options, log });
   } catch (error) {
     const { code, message, listen = "-" } = error as NodeJS.ErrnoException & { listen?: string };
     const fix = LISTEN_FIXES[code ?? ""] ?? "check --listen";
@@ -1536,16 +1338,8 @@ export async function main(args: readonly string[]): Promise<number> {
   }
   const listen = server.addresses.map((a) => hostPort(a.address, a.port)).join(",");
   const { value: name, source: name_source } = server.name;
-  log("start", {
-    version: VERSION,
-    runtime: RUNTIME,
-    mode: options.mode,
-    name,
-    name_source,
-    listen,
-    ...ids,
-    pid: process.pid,
-  });
+  const what = { version: VERSION, runtime: RUNTIME, mode: options.mode, name, name_source };
+  log("start", { ...what, listen, ...ids, pid: process.pid });
   const signal = await signalled(() => server.close(0));
   const endings = await server.close(options.drainMs);
   const sessions = Object.values(endings).reduce((sum, n) => sum + n, 0);
