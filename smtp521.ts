@@ -39,11 +39,9 @@ import { parseArgs } from "node:util";
 
 export const VERSION = "1.0.0";
 
-// ---------------------------------------------------------------------------------------------
-// Runtime. Under Deno with only --allow-net, reading the host name, the environment or a file
-// would prompt (freezing the event loop) or throw: the permission API, which never prompts, is
-// asked first.
-// ---------------------------------------------------------------------------------------------
+// === Runtime ================================================================================
+// Under Deno with only --allow-net, reading the host name, the environment or a file would
+// prompt (freezing the event loop) or throw: the permission API, which never prompts, goes first.
 
 type DenoAddr = { readonly hostname: string; readonly port: number };
 interface DenoConn {
@@ -75,10 +73,9 @@ function readEnv(variable: string): string | undefined {
   return mayRead({ name: "env", variable }) ? process.env[variable] : undefined;
 }
 
-// ---------------------------------------------------------------------------------------------
-// Reply table. Every byte smtp521 sends is built here, from the server's name and, for RCPT
-// only, a recipient domain that passed `checkedDomain`.
-// ---------------------------------------------------------------------------------------------
+// === Reply table ============================================================================
+// Every byte smtp521 sends is built here, from the server's name and, for RCPT only, a recipient
+// domain that passed `checkedDomain`.
 
 /** The fixed replies for one server name, CRLF-terminated. */
 function buildReplies(name: string) {
@@ -117,9 +114,8 @@ export function repliesFor(name: string): Replies {
   return replies;
 }
 
-// ---------------------------------------------------------------------------------------------
-// Names. A reply may only ever name a checked domain or address literal.
-// ---------------------------------------------------------------------------------------------
+// === Names ==================================================================================
+// A reply may only ever name a checked domain or address literal.
 
 /** RFC 5321 §4.1.2 Domain: LDH labels of 1-63 octets (253 octets in all: checked apart). */
 const LABEL = "[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?";
@@ -201,10 +197,9 @@ function listed(list: DomainList, domain: string): boolean {
   return false;
 }
 
-// ---------------------------------------------------------------------------------------------
-// Session core: the protocol as a pure state machine, with no sockets and no timers (after h11).
-// The transport feeds it bytes; it answers with the text to send and, at the end, why.
-// ---------------------------------------------------------------------------------------------
+// === Session core ===========================================================================
+// The protocol as a pure state machine, with no sockets and no timers (after h11): the transport
+// feeds it bytes; it answers with the text to send and, at the end, why.
 
 export type Mode = "greet" | "close" | "rcpt";
 export type RcptCode = 521 | 556;
@@ -246,9 +241,8 @@ const [TAB, LF, CR, SPACE, TLS_HANDSHAKE] = [0x09, 0x0a, 0x0d, 0x20, 0x16];
 /** A cross-protocol probe: an HTTP request line is never SMTP. */
 const HTTP_REQUEST =
   /^(?:(?:GET|HEAD|POST|PUT|DELETE|CONNECT|OPTIONS|TRACE|PATCH)(?: |$)|[A-Z]+ \S+ HTTP\/\d)/;
+const QUIT = /^quit$/i;
 const NOTHING: Step = Object.freeze({ send: "", lines: 0, end: null });
-
-type Answer = readonly [reply: string, end: CoreEnd | null];
 
 export function createSession(config: SessionConfig): Session {
   if (config.mode === "rcpt") return newSession(config, "ready", null);
@@ -288,11 +282,9 @@ export function receive(session: Session, chunk: Uint8Array): Step {
     if (++session.received === 1 && HTTP_REQUEST.test(line)) {
       return finish(session, send, lines, "forbidden");
     }
-    const [reply, end] = session.config.mode === "rcpt"
-      ? rcptAnswer(session, line)
-      : greetAnswer(session, line);
-    send += reply;
-    if (end) return finish(session, send, lines, end);
+    // RFC 7504 §3: QUIT gets its 221 in every mode. RFC 1846 §4.2 b: any other line, the 521.
+    if (QUIT.test(line)) return finish(session, send + session.replies.closing, lines, "quit");
+    send += session.config.mode === "rcpt" ? rcptAnswer(session, line) : session.replies.refuse;
     if (session.received >= session.config.maxCommands) {
       return finish(session, send, lines, "limit");
     }
@@ -326,11 +318,6 @@ function tooLong({ config, replies }: Session): string {
   return config.mode === "rcpt" ? replies.lineTooLong : replies.refuse;
 }
 
-/** RFC 1846 §4.2 b: every line gets the 521, except QUIT (RFC 7504 §3). */
-function greetAnswer({ replies }: Session, line: string): Answer {
-  return /^quit$/i.test(line) ? [replies.closing, "quit"] : [replies.refuse, null];
-}
-
 /** SMTP verbs smtp521 knows but will not run (RFC 5321 §4.2.4: 502). */
 const NOT_IMPLEMENTED = new Set(
   "VRFY EXPN HELP STARTTLS AUTH BDAT ETRN ATRN TURN SEND SOML SAML".split(" "),
@@ -358,43 +345,42 @@ function pathArgument(args: string, keyword: "FROM:" | "TO:"): string | null {
  * RFC 1846 §3: a relay dialog in which every recipient is refused. The only client text a reply
  * may carry is a recipient domain that `checkedDomain` accepted; else the server's own name.
  */
-function rcptAnswer(session: Session, line: string): Answer {
+function rcptAnswer(session: Session, line: string): string {
   const { replies } = session;
-  const reply = (text: string): Answer => [text, null];
   const space = line.indexOf(" ");
   const word = space < 0 ? line : line.slice(0, space);
-  if (!VERB.test(word)) return reply(replies.unknownCommand);
+  if (!VERB.test(word)) return replies.unknownCommand;
   const verb = word.toUpperCase();
   const args = space < 0 ? "" : line.slice(space + 1);
   switch (verb) {
     case "HELO":
     case "EHLO":
-      if (!args) return reply(replies.badSyntax);
+      if (!args) return replies.badSyntax;
       session.inTransaction = false; // RFC 5321 §4.1.4: a new EHLO resets the transaction
-      return reply(replies.hello);
+      return replies.hello;
     case "MAIL":
-      if (pathArgument(args, "FROM:") === null) return reply(replies.badSyntax);
-      if (session.inTransaction) return reply(replies.badSequence);
+      if (pathArgument(args, "FROM:") === null) return replies.badSyntax;
+      if (session.inTransaction) return replies.badSequence;
       session.inTransaction = true;
-      return reply(replies.ok);
+      return replies.ok;
     case "RCPT": {
-      if (!session.inTransaction) return reply(replies.badSequence);
+      if (!session.inTransaction) return replies.badSequence;
       const to = pathArgument(args, "TO:");
-      return reply(to ? recipient(session, to) : replies.badSyntax);
+      return to ? recipient(session, to) : replies.badSyntax;
     }
     case "DATA":
-      if (!session.inTransaction) return reply(replies.badSequence);
-      return reply(args ? replies.badSyntax : replies.noRecipients);
+      if (!session.inTransaction) return replies.badSequence;
+      return args ? replies.badSyntax : replies.noRecipients;
     case "RSET":
-      if (args) return reply(replies.badSyntax);
+      if (args) return replies.badSyntax;
       session.inTransaction = false;
-      return reply(replies.ok);
+      return replies.ok;
     case "NOOP":
-      return reply(replies.ok);
-    case "QUIT":
-      return args ? reply(replies.badSyntax) : [replies.closing, "quit"];
+      return replies.ok;
+    case "QUIT": // with arguments: QUIT alone ended the session before
+      return replies.badSyntax;
     default:
-      return reply(NOT_IMPLEMENTED.has(verb) ? replies.notImplemented : replies.unknownCommand);
+      return NOT_IMPLEMENTED.has(verb) ? replies.notImplemented : replies.unknownCommand;
   }
 }
 
@@ -411,10 +397,8 @@ function recipient({ config, replies }: Session, path: string): string {
   return rcptRefusal(config.rcptCode, domain);
 }
 
-// ---------------------------------------------------------------------------------------------
-// Transports: thin adapters that own sockets, timers and limits, and send only what the session
-// core returns.
-// ---------------------------------------------------------------------------------------------
+// === Transports =============================================================================
+// Thin adapters that own sockets, timers and limits, and send only what the session core returns.
 
 // --- Limits ----------------------------------------------------------------------------------
 
@@ -504,24 +488,15 @@ interface Conversation {
   end: EndReason | null; // set once the last reply is out: it lingers, then ends for this reason
 }
 
+type Ended = (conversation: Conversation) => void;
+
 /**
  * Run one session over a conduit: send what the core returns, pause reading while the peer does
  * not read, keep the deadlines, close lingering, and call `ended` once the conduit has closed.
  */
-function converse(
-  conduit: Conduit,
-  session: Session,
-  clock: Deadlines,
-  ended: (conversation: Conversation) => void,
-) {
-  const conversation: Conversation = {
-    conduit,
-    session,
-    started: Date.now(),
-    at: 0,
-    slot: -1,
-    end: null,
-  };
+function converse(conduit: Conduit, session: Session, clock: Deadlines, ended: Ended) {
+  const started = Date.now();
+  const conversation: Conversation = { conduit, session, started, at: started, slot: 0, end: null };
   let discarded = 0; // bytes read and discarded while lingering
   clock.restart(conversation);
   clock.add(conversation);
@@ -952,18 +927,14 @@ function stdioConduit(): Connection {
   if (oneSocket && !bun && !deno) return new Socket({ fd: 0, readable: true, writable: true });
   const joined = Duplex.from({ readable: process.stdin, writable: process.stdout });
   if (!oneSocket || bun) return joined;
-  const { localAddress, localPort, remoteAddress, remotePort } = new Socket({
-    fd: 0,
-    readable: false,
-  });
+  const socket = new Socket({ fd: 0, readable: false }); // only to read its two ends
+  const { localAddress, localPort, remoteAddress, remotePort } = socket;
   return Object.assign(joined, { localAddress, localPort, remoteAddress, remotePort });
 }
 
-// ---------------------------------------------------------------------------------------------
-// Options: the flags parseArgs takes, with `DEFAULTS` as their defaults; --help and README
-// "Flags" say the same (the tests hold them to it). A bad flag or value is one line naming it,
-// and exit 2.
-// ---------------------------------------------------------------------------------------------
+// === Options ================================================================================
+// The flags parseArgs takes, with `DEFAULTS` as their defaults; --help and README "Flags" say the
+// same (the tests hold them to it). A bad flag or value: one line naming it, and exit 2.
 
 export const USAGE = `smtp521 ${VERSION}: refuse all mail with a permanent 521 (RFC 1846, RFC 7504)
 
@@ -1125,10 +1096,8 @@ function checkedOptions(values: FlagValues) {
   return { mode, hostname: name, listen, domains: list, rcptCode, ...limits, ...rest };
 }
 
-// ---------------------------------------------------------------------------------------------
-// Logs: one line per event on standard error, never standard output (under --stdio that is the
-// session).
-// ---------------------------------------------------------------------------------------------
+// === Logs ===================================================================================
+// One line per event on standard error, never standard output (under --stdio, the session).
 
 /** A logfmt value that needs no quotes: printable ASCII without space, `"`, `=` or `\`. */
 const BARE = /^[\x21\x23-\x3c\x3e-\x5b\x5d-\x7e]+$/;
@@ -1140,9 +1109,9 @@ function logfmt(value: string | number): string {
 export function formatLine(
   format: "text" | "json",
   event: string,
-  fields: Readonly<Record<string, string | number>>,
+  fields: Fields,
   at = Date.now(),
-): string {
+) {
   const time = new Date(at).toISOString();
   if (format === "json") return JSON.stringify({ time, event, ...fields }) + "\n";
   let line = `time=${time} event=${event}`;
@@ -1217,9 +1186,8 @@ function writeStderr(bytes: Uint8Array, done: (error: Error | null) => void): vo
   });
 }
 
-// ---------------------------------------------------------------------------------------------
-// Main: a server, or one stdio session, until SIGTERM or SIGINT.
-// ---------------------------------------------------------------------------------------------
+// === Main ===================================================================================
+// A server, or one stdio session, until SIGTERM or SIGINT.
 
 /** The fix for a listen failure, by cause. */
 const LISTEN_FIXES: Record<string, string> = {
