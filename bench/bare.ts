@@ -1,52 +1,35 @@
-// The bare responders smtp521 is measured against (bench/README.md): smtp521's
-// happy path in `greet` mode (521 greeting, 521 to every line, 221 to QUIT,
-// then close) and nothing else, on the accept path smtp521 uses on this
-// runtime (node:net; `Deno.listen` on Deno). With `--floor` it also does the
-// least per-session work a conforming server must: it reads the client's
-// address once (the per-address limit and `remote=`) and logs one session
-// line per connection, 50 ms of lines per write, as smtp521 does.
+// The bare responders smtp521 is measured against (bench/README.md): smtp521's happy path in `greet`
+// mode (521 greeting, 521 to every line, 221 to QUIT, then close) and nothing else, on the accept
+// path smtp521 uses on this runtime (node:net; `Deno.listen` on Deno). With `--floor` it also does
+// the least per-session work a conforming server must: it reads the client's address once (the
+// per-address limit and `remote=`) and logs one session line per connection, 50 ms of lines per
+// write, as smtp521 does.
 //
-//   <runtime> bench/bare.ts --listen 127.0.0.1:0 --hostname bench.example [--floor] [--node-net]
+//   <runtime> bench/bare.ts [--floor]    # on 127.0.0.1, any port: the start line names it
 
 import { createServer } from "node:net";
 import type { AddressInfo, Socket } from "node:net";
 import process from "node:process";
-import { parseArgs } from "node:util";
 
-const { values } = parseArgs({
-  options: {
-    listen: { type: "string", default: "127.0.0.1:0" },
-    hostname: { type: "string", default: "bench.example" },
-    floor: { type: "boolean", default: false },
-    "node-net": { type: "boolean", default: false }, // node:net on Deno too (HISTORY.md)
-  },
-});
-const [, host, port] = /^(.*):(\d+)$/.exec(values.listen)!;
-const FLOOR = values.floor;
-const REFUSE = `521 ${values.hostname} does not accept mail\r\n`;
-const CLOSING = `221 ${values.hostname} closing connection\r\n`;
+const FLOOR = process.argv.includes("--floor");
+const HOST = "127.0.0.1";
+const NAME = "bench.example"; // smtp521's --hostname in the bench
+const REFUSE = `521 ${NAME} does not accept mail\r\n`;
+const CLOSING = `221 ${NAME} closing connection\r\n`;
 /** A line is QUIT only if it is exactly that; 8 bytes are enough to tell. */
 const HEAD = 8;
 const LF = 10;
 
-/** One connection's state: the start of its current line, and what the floor's session line needs. */
-interface Session {
-  head: string;
-  remote: string;
-  started: number;
-  lines: number;
-  end: string;
-}
+/** One connection: the start of its current line, and what the floor's session line needs. */
+type Session = { head: string; remote: string; started: number; lines: number; end: string };
 
-function open(remote: () => string): Session {
-  return {
-    head: "",
-    remote: FLOOR ? remote() : "",
-    started: FLOOR ? Date.now() : 0,
-    lines: 0,
-    end: "client-closed",
-  };
-}
+const open = (remote: () => string): Session => ({
+  head: "",
+  remote: FLOOR ? remote() : "",
+  started: FLOOR ? Date.now() : 0,
+  lines: 0,
+  end: "client-closed",
+});
 
 /** Whether the chunk ended the session with QUIT; `reply` is called once per other line. */
 function scan(session: Session, chunk: Buffer, reply: () => void): boolean {
@@ -69,6 +52,8 @@ let pending = "";
 let second = -1;
 let prefix = "";
 const flush = () => (process.stderr.write(pending), (pending = ""));
+// An orderly exit on SIGTERM (the default kills), so `node --cpu-prof` can write its profile.
+process.on("SIGTERM", () => (flush(), process.exit(0)));
 
 /** The floor's session line, in smtp521's format; the date and second are formatted once a second. */
 function logged(session: Session, localPort: number): void {
@@ -79,34 +64,22 @@ function logged(session: Session, localPort: number): void {
     prefix = new Date(second * 1000).toISOString().slice(0, 20);
   }
   if (!pending) setTimeout(flush, 50);
+  const { remote, started, lines, end } = session;
   pending +=
-    `time=${prefix}${
-      String(now % 1000).padStart(3, "0")
-    }Z event=session remote=${session.remote} ` +
-    `local_port=${localPort} mode=greet duration_ms=${
-      now - session.started
-    } lines=${session.lines} ` +
-    `end=${session.end}\n`;
+    `time=${prefix}${String(now % 1000).padStart(3, "0")}Z event=session remote=${remote} ` +
+    `local_port=${localPort} mode=greet duration_ms=${now - started} lines=${lines} end=${end}\n`;
 }
 
-function announce(transport: string, address: string, boundPort: number): void {
-  const global = globalThis as { Deno?: { version: { deno: string } }; Bun?: { version: string } };
-  const runtime = global.Deno
-    ? `deno/${global.Deno.version.deno}`
-    : global.Bun
-    ? `bun/${global.Bun.version}`
-    : `node/${process.versions.node}`;
+/** The start line, in smtp521's format: bench/load.ts reads the port from it. */
+const announce = (transport: string, address: string, boundPort: number) =>
   process.stderr.write(
-    `time=${new Date().toISOString()} event=start runtime=${runtime} impl=${transport}${
-      FLOOR ? "+floor" : ""
-    } ` +
+    `time=${new Date().toISOString()} event=start impl=${transport}${FLOOR ? "+floor" : ""} ` +
       `listen=${address}:${boundPort} pid=${process.pid}\n`,
   );
-}
 
 function serveNode(): void {
   const server = createServer();
-  server.listen({ host, port: Number(port) }, () => {
+  server.listen({ host: HOST, port: 0 }, () => {
     const { address, port: bound } = server.address() as AddressInfo;
     server.on("connection", (socket: Socket) => {
       const session = open(() => `${socket.remoteAddress}:${socket.remotePort}`); // 127.0.0.1: no brackets
@@ -129,11 +102,9 @@ interface DenoConn {
   closeWrite(): Promise<void>;
   close(): void;
 }
-interface DenoApi {
-  listen(
-    options: { hostname: string; port: number },
-  ): AsyncIterable<DenoConn> & { addr: { port: number } };
-}
+type DenoListen = (options: { hostname: string; port: number }) =>
+  & AsyncIterable<DenoConn>
+  & { addr: { port: number } };
 
 async function writeAll(conn: DenoConn, bytes: Uint8Array): Promise<void> {
   for (let done = 0; done < bytes.length;) done += await conn.write(bytes.subarray(done));
@@ -166,18 +137,10 @@ async function respondDeno(conn: DenoConn, localPort: number): Promise<void> {
   }
 }
 
-async function serveDeno(deno: DenoApi): Promise<void> {
-  const listener = deno.listen({ hostname: host, port: Number(port) });
-  announce("Deno.listen", host, listener.addr.port);
+const deno = (globalThis as unknown as { Deno?: { listen: DenoListen } }).Deno;
+if (!deno) serveNode();
+else {
+  const listener = deno.listen({ hostname: HOST, port: 0 });
+  announce("Deno.listen", HOST, listener.addr.port);
   for await (const conn of listener) respondDeno(conn, listener.addr.port);
 }
-
-const deno = (globalThis as unknown as { Deno?: DenoApi }).Deno;
-if (deno && !values["node-net"]) serveDeno(deno);
-else serveNode();
-
-// An orderly exit on SIGTERM (the default kills), so `node --cpu-prof` can write its profile.
-process.on("SIGTERM", () => {
-  if (pending) process.stderr.write(pending);
-  process.exit(0);
-});

@@ -1,7 +1,6 @@
-// One load-generator process: bench/load.ts forks them on Node 24, so the
-// client side is the same whatever runtime the server is on. It takes jobs
-// over the IPC channel and answers each with its result. Every socket goes to
-// 127.0.0.1 and every job is bounded in count and in time.
+// One load-generator process: bench/load.ts forks them on Node 24, so the client side is the same
+// whatever runtime the server is on. It takes jobs over the IPC channel and answers each with its
+// result. Every socket goes to 127.0.0.1 and every job is bounded in count and in time.
 
 import { connect } from "node:net";
 import type { Socket } from "node:net";
@@ -14,42 +13,23 @@ const GRACE_MS = 5000;
 const BATCH = 100;
 const MAX = 1_000_000;
 
-/** A session: the start of the greeting expected, what is sent after it, and the start of the server's last reply. */
-export interface Script {
-  greeting: string;
-  send: string;
-  closing: string;
-}
-
+/** A session: the start of the greeting expected, what is sent after it, the start of the last reply. */
+export type Script = { greeting: string; send: string; closing: string };
+/** Slowloris connections (a byte every `dripMs`, no newline, for at most `lifeMs`) and a long line. */
+export type HostileLoad = { dripMs: number; lifeMs: number; lineBytes: number; lineMs: number };
+type SessionsJob = { port: number; script: Script; concurrency: number; startAt: number };
+type HostileJob = HostileLoad & { port: number; count: number };
 export type Job =
-  | {
-    kind: "sessions";
-    port: number;
-    script: Script;
-    concurrency: number;
-    startAt: number;
-    ms: number;
-  }
+  | SessionsJob & { kind: "sessions"; ms: number }
+  | HostileJob & { kind: "hostile" }
   | { kind: "hold"; port: number; count: number }
-  | { kind: "release" }
-  | {
-    kind: "hostile";
-    port: number;
-    count: number;
-    dripMs: number;
-    lifeMs: number;
-    lineBytes: number;
-    lineMs: number;
-  }
-  | { kind: "exit" };
+  | { kind: "release" };
 
-export interface SessionsResult {
-  /** Sessions that completed with the right replies inside the window; the greeting latency of each, ms. */
-  latencies: number[];
-  failures: number;
-  /** This process's CPU over the window, in cores. */
-  cpu: number;
-}
+/** Sessions that completed with the right replies in the window (the greeting latency of each, ms),
+ * those that did not, and this process's CPU over the window in cores. */
+export type SessionsResult = { latencies: number[]; failures: number; cpu: number };
+/** Slowloris connections made, how many the server closed first, bytes of the long line sent. */
+export type HostileResult = { connected: number; closedByServer: number; lineSent: number };
 
 const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, Math.max(0, ms)));
 
@@ -80,7 +60,7 @@ function session(port: number, script: Script, live: Set<Socket>): Promise<numbe
 }
 
 /** `concurrency` loops of sessions, one after another, from `startAt` for `ms`; sessions ending later do not count. */
-async function sessions(job: Extract<Job, { kind: "sessions" }>): Promise<SessionsResult> {
+async function sessions(job: SessionsJob & { ms: number }): Promise<SessionsResult> {
   await sleep(job.startAt - Date.now());
   const live = new Set<Socket>();
   const latencies: number[] = [];
@@ -122,15 +102,12 @@ async function openMany(port: number, count: number): Promise<Socket[]> {
   return sockets;
 }
 
-let held: Socket[] = [];
-
 /**
- * Slowloris connections (a byte every `dripMs`, never a newline, destroyed by
- * the client after `lifeMs`) and, once this process's share is open, one line
- * of `lineBytes` with no newline, as fast as the server reads it, until it
- * closes or `lineMs`. Reports how many the server closed before the client did.
+ * The slowloris connections and, once they are open, one line of `lineBytes` with no newline, as
+ * fast as the server reads it, until it closes or `lineMs`. Reports how many connections the server
+ * closed before the client did.
  */
-async function hostile(job: Extract<Job, { kind: "hostile" }>) {
+async function hostile(job: HostileJob): Promise<HostileResult> {
   const sockets = await openMany(job.port, job.count);
   let closedByServer = 0;
   let stopping = false;
@@ -166,10 +143,14 @@ async function hostile(job: Extract<Job, { kind: "hostile" }>) {
   return { connected: sockets.length, closedByServer, lineSent: sent };
 }
 
+let held: Socket[] = [];
+
 async function perform(job: Job): Promise<unknown> {
   switch (job.kind) {
     case "sessions":
       return await sessions(job);
+    case "hostile":
+      return await hostile(job);
     case "hold": {
       const opened = await openMany(job.port, job.count);
       held.push(...opened);
@@ -179,19 +160,15 @@ async function perform(job: Job): Promise<unknown> {
       held.forEach((socket) => socket.destroy());
       held = [];
       return 0;
-    case "hostile":
-      return await hostile(job);
-    case "exit":
-      process.exit(0); // pending guard timers must not keep the process alive
   }
 }
 
 // Only as a forked child: the types above are shared with load.ts.
 if (process.send) {
-  process.on("message", ({ id, job }: { id: number; job: Job }) => {
+  process.on("message", (job: Job) => {
     perform(job).then(
-      (result) => process.send!({ id, result }),
-      (error: Error) => process.send!({ id, error: String(error.stack ?? error) }),
+      (result) => process.send!({ result }),
+      (error: Error) => process.send!({ error: String(error.stack ?? error) }),
     );
   });
 }

@@ -8,20 +8,12 @@ import { existsSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { expect, it } from "vitest";
-import type { Config } from "../bench/run.ts";
 import { SHAPES, VARIANTS } from "../bench/run.ts";
-import { figures, type Line, type Sample, type Small } from "../bench/report.ts";
+import { figures, type Raw } from "../bench/report.ts";
 import { BIN, ROOT, run } from "./helpers.ts";
 
-const RUNTIMES = ["node", "deno", "bun"] as const;
+const EVERY_RUNTIME = ["node", "deno", "bun"] as const;
 const RESULTS = join(ROOT, "bench", "RESULTS.md");
-
-interface Output {
-  context: { config: Config };
-  samples: Sample[];
-  lines: Record<string, Line[]>;
-  small: Record<string, Small[]>;
-}
 
 const positive = (value: number | undefined, what: string) =>
   expect(value !== undefined && Number.isFinite(value) && value > 0, `${what}: ${value}`).toBe(
@@ -45,7 +37,7 @@ it(
       expect(code, stderr).toBe(0);
       const { context: { config }, samples, lines, small } = JSON.parse(
         readFileSync(join(out, "results.json"), "utf8"),
-      ) as Output;
+      ) as Raw;
 
       // Speed from the floor, smtp521 and the control; memory from the bare responder and smtp521; hostile from smtp521.
       for (const sample of samples) {
@@ -71,8 +63,8 @@ it(
       expect(new Set(samples.map((s) => `${s.runtime} ${s.impl}`)).size).toBe(12);
 
       // The floor does the work it stands for: a session line, with the client's address and port, per session.
-      for (const runtime of RUNTIMES) {
-        const log = readFileSync(join(out, "logs", `${runtime}-floor-rate.log`), "utf8");
+      for (const runtime of EVERY_RUNTIME) {
+        const log = readFileSync(join(out, "logs", `${runtime}-floor-speed.log`), "utf8");
         const quits = log.match(
           /^time=\S+Z event=session remote=127\.0\.0\.1:\d+ local_port=\d+ mode=greet duration_ms=\d+ lines=1 end=quit$/gm,
         );
@@ -85,12 +77,12 @@ it(
           Math.round(counted),
         );
         // Every adversarial shape and every small-host flag variant, measured.
-        expect(lines[runtime].map((l) => l.name)).toEqual(SHAPES.map(([name]) => name));
-        for (const line of lines[runtime]) {
+        expect(lines[runtime]!.map((l) => l.name)).toEqual(SHAPES.map(([name]) => name));
+        for (const line of lines[runtime]!) {
           for (const cpu of line.cpu) positive(cpu, `${runtime} ${line.name}`);
         }
-        expect(small[runtime].map((v) => v.flags)).toEqual(VARIANTS[runtime]);
-        for (const v of small[runtime]) {
+        expect(small[runtime]!.map((v) => v.flags)).toEqual(VARIANTS[runtime]);
+        for (const v of small[runtime]!) {
           for (const value of [...v.startMs, v.idle, v.served, v.held, v.rate.serverCpu]) {
             positive(value, `${runtime} ${v.flags.join(" ")}`);
           }
@@ -101,7 +93,7 @@ it(
       // A verdict for every target on every runtime; the speed figures beside them, with the control's range.
       const markdown = readFileSync(join(out, "RESULTS.md"), "utf8");
       expect(stdout).toBe(markdown);
-      for (const runtime of RUNTIMES) {
+      for (const runtime of EVERY_RUNTIME) {
         expect(markdown).toMatch(
           new RegExp(`^\\| ${runtime} +(\\| \\*\\*(PASS|MISS)\\*\\* [^|]+){4}\\|$`, "m"),
         );
