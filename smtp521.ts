@@ -96,6 +96,7 @@ function buildReplies(name: string) {
   return Object.freeze(replies);
 }
 export type Replies = ReturnType<typeof buildReplies>;
+export type RcptCode = 521 | 556;
 
 /** RFC 1846 §3, RFC 7504 §3: the RCPT refusal naming the recipient's domain. */
 function rcptRefusal(code: RcptCode, domain: string): string {
@@ -202,10 +203,9 @@ function listed(list: DomainList, domain: string): boolean {
 // feeds it bytes; it answers with the text to send and, at the end, why.
 
 export type Mode = "greet" | "close" | "rcpt";
-export type RcptCode = 521 | 556;
+type CoreEnd = "quit" | "closed" | "limit" | "overload" | "too-long" | "forbidden";
 /** Why a session ended, as logged (README "Logs and signals"): in the core, or in a transport. */
 export type EndReason = CoreEnd | "timeout" | "reset" | "client-closed" | "shutdown";
-type CoreEnd = "quit" | "closed" | "limit" | "overload" | "too-long" | "forbidden";
 
 export interface SessionConfig {
   readonly mode: Mode;
@@ -244,6 +244,13 @@ const HTTP_REQUEST =
 const QUIT = /^quit$/i;
 const NOTHING: Step = Object.freeze({ send: "", lines: 0, end: null });
 
+function newSession(config: SessionConfig, first: "ready" | "refuse", end: CoreEnd | null) {
+  const replies = repliesFor(config.name);
+  const greeting = { send: replies[first], lines: 0, end };
+  const over = end !== null;
+  return { config, replies, greeting, partial: null, received: 0, over, inTransaction: false };
+}
+
 export function createSession(config: SessionConfig): Session {
   if (config.mode === "rcpt") return newSession(config, "ready", null);
   return newSession(config, "refuse", config.mode === "close" ? "closed" : null);
@@ -252,50 +259,6 @@ export function createSession(config: SessionConfig): Session {
 /** A connection over a limit still hears the 521, then a close: never a 4xx, never silence. */
 export function overloadSession(config: SessionConfig): Session {
   return newSession(config, "refuse", "overload");
-}
-
-function newSession(config: SessionConfig, first: "ready" | "refuse", end: CoreEnd | null) {
-  const replies = repliesFor(config.name);
-  const greeting = { send: replies[first], lines: 0, end };
-  const over = end !== null;
-  return { config, replies, greeting, partial: null, received: 0, over, inTransaction: false };
-}
-
-/** Feed received bytes; bytes after the end are ignored. */
-export function receive(session: Session, chunk: Uint8Array): Step {
-  if (session.over || chunk.length === 0) return NOTHING;
-  if (session.received === 0 && session.partial === null && chunk[0] === TLS_HANDSHAKE) {
-    return finish(session, "", 0, "forbidden");
-  }
-  const bytes = Buffer.from(chunk.buffer, chunk.byteOffset, chunk.length);
-  let [send, lines, start] = ["", 0, 0];
-  for (let lf = bytes.indexOf(LF); lf >= 0; lf = bytes.indexOf(LF, start)) {
-    const partial = session.partial;
-    if ((partial?.length ?? 0) + lf - start + 1 > MAX_LINE) {
-      return finish(session, send + tooLong(session), lines, "too-long");
-    }
-    const whole = partial && Buffer.concat([partial, bytes.subarray(start, lf)]);
-    const line = whole ? lineText(whole, 0, whole.length) : lineText(bytes, start, lf);
-    session.partial = null;
-    start = lf + 1;
-    lines++;
-    if (++session.received === 1 && HTTP_REQUEST.test(line)) {
-      return finish(session, send, lines, "forbidden");
-    }
-    // RFC 7504 §3: QUIT gets its 221 in every mode. RFC 1846 §4.2 b: any other line, the 521.
-    if (QUIT.test(line)) return finish(session, send + session.replies.closing, lines, "quit");
-    send += session.config.mode === "rcpt" ? rcptAnswer(session, line) : session.replies.refuse;
-    if (session.received >= session.config.maxCommands) {
-      return finish(session, send, lines, "limit");
-    }
-  }
-  const rest = bytes.subarray(start);
-  const partial = session.partial;
-  if ((partial?.length ?? 0) + rest.length >= MAX_LINE) {
-    return finish(session, send + tooLong(session), lines, "too-long");
-  }
-  if (rest.length) session.partial = partial ? Buffer.concat([partial, rest]) : Buffer.from(rest);
-  return lines ? { send, lines, end: null } : NOTHING;
 }
 
 /**
@@ -341,6 +304,19 @@ function pathArgument(args: string, keyword: "FROM:" | "TO:"): string | null {
   return badParameters || NOT_IN_PATH.test(path) ? null : path;
 }
 
+function recipient({ config, replies }: Session, path: string): string {
+  // RFC 5321 §4.1.1.3: a source route `@a,@b:` is ignored; the final domain decides.
+  const mailbox = path.startsWith("@") ? path.slice(path.indexOf(":") + 1) : path;
+  // RFC 5321 §4.5.1: `<Postmaster>` is this host, which takes no mail either.
+  if (/^postmaster$/i.test(mailbox)) return rcptRefusal(config.rcptCode, config.name);
+  const at = mailbox.lastIndexOf("@");
+  if (at <= 0) return replies.badSyntax;
+  const domain = checkedDomain(mailbox.slice(at + 1));
+  if (!config.domains) return rcptRefusal(config.rcptCode, domain ?? config.name);
+  if (!domain || !listed(config.domains, domain)) return replies.relayDenied;
+  return rcptRefusal(config.rcptCode, domain);
+}
+
 /**
  * RFC 1846 §3: a relay dialog in which every recipient is refused. The only client text a reply
  * may carry is a recipient domain that `checkedDomain` accepted; else the server's own name.
@@ -384,17 +360,41 @@ function rcptAnswer(session: Session, line: string): string {
   }
 }
 
-function recipient({ config, replies }: Session, path: string): string {
-  // RFC 5321 §4.1.1.3: a source route `@a,@b:` is ignored; the final domain decides.
-  const mailbox = path.startsWith("@") ? path.slice(path.indexOf(":") + 1) : path;
-  // RFC 5321 §4.5.1: `<Postmaster>` is this host, which takes no mail either.
-  if (/^postmaster$/i.test(mailbox)) return rcptRefusal(config.rcptCode, config.name);
-  const at = mailbox.lastIndexOf("@");
-  if (at <= 0) return replies.badSyntax;
-  const domain = checkedDomain(mailbox.slice(at + 1));
-  if (!config.domains) return rcptRefusal(config.rcptCode, domain ?? config.name);
-  if (!domain || !listed(config.domains, domain)) return replies.relayDenied;
-  return rcptRefusal(config.rcptCode, domain);
+/** Feed received bytes; bytes after the end are ignored. */
+export function receive(session: Session, chunk: Uint8Array): Step {
+  if (session.over || chunk.length === 0) return NOTHING;
+  if (session.received === 0 && session.partial === null && chunk[0] === TLS_HANDSHAKE) {
+    return finish(session, "", 0, "forbidden");
+  }
+  const bytes = Buffer.from(chunk.buffer, chunk.byteOffset, chunk.length);
+  let [send, lines, start] = ["", 0, 0];
+  for (let lf = bytes.indexOf(LF); lf >= 0; lf = bytes.indexOf(LF, start)) {
+    const partial = session.partial;
+    if ((partial?.length ?? 0) + lf - start + 1 > MAX_LINE) {
+      return finish(session, send + tooLong(session), lines, "too-long");
+    }
+    const whole = partial && Buffer.concat([partial, bytes.subarray(start, lf)]);
+    const line = whole ? lineText(whole, 0, whole.length) : lineText(bytes, start, lf);
+    session.partial = null;
+    start = lf + 1;
+    lines++;
+    if (++session.received === 1 && HTTP_REQUEST.test(line)) {
+      return finish(session, send, lines, "forbidden");
+    }
+    // RFC 7504 §3: QUIT gets its 221 in every mode. RFC 1846 §4.2 b: any other line, the 521.
+    if (QUIT.test(line)) return finish(session, send + session.replies.closing, lines, "quit");
+    send += session.config.mode === "rcpt" ? rcptAnswer(session, line) : session.replies.refuse;
+    if (session.received >= session.config.maxCommands) {
+      return finish(session, send, lines, "limit");
+    }
+  }
+  const rest = bytes.subarray(start);
+  const partial = session.partial;
+  if ((partial?.length ?? 0) + rest.length >= MAX_LINE) {
+    return finish(session, send + tooLong(session), lines, "too-long");
+  }
+  if (rest.length) session.partial = partial ? Buffer.concat([partial, rest]) : Buffer.from(rest);
+  return lines ? { send, lines, end: null } : NOTHING;
 }
 
 // === Transports =============================================================================
@@ -425,6 +425,52 @@ export const MAX_COMMANDS: Readonly<Record<Mode, number>> = { greet: 20, close: 
 const LINGER_MS = 2000;
 /** ...but read no more than this: what a flood sends past it waits in the kernel. */
 const LINGER_BYTES = 64 * 1024;
+
+// --- One conversation ------------------------------------------------------------------------
+
+/** A byte stream both ways: a TCP socket, Deno's own connection, or stdin and stdout joined. */
+interface Conduit {
+  write(text: string): boolean;
+  end(): void;
+  end(last: string, done: () => void): void;
+  destroy(): void;
+  pause(): void;
+  resume(): void;
+  isPaused(): boolean;
+  on(event: "data", listener: (chunk: Uint8Array) => void): void;
+  on(event: "end" | "close" | "error", listener: () => void): void;
+  once(event: "drain", listener: () => void): void;
+}
+
+/** A session on its conduit, as the transport and the deadlines see it. */
+interface Conversation {
+  readonly conduit: Conduit;
+  readonly session: Session;
+  readonly started: number;
+  at: number; // when the deadlines act: idle or whole-life deadline, then the end of the linger
+  slot: number; // the place in the deadlines' list
+  end: EndReason | null; // set once the last reply is out: it lingers, then ends for this reason
+}
+
+/**
+ * Send the last reply and a FIN, then read and discard for LINGER_MS before destroying, so a
+ * client still sending gets the reply, not a reset that eats it.
+ */
+function linger(conversation: Conversation, reason: EndReason): void {
+  if (conversation.end) return;
+  conversation.end = reason;
+  conversation.conduit.end();
+  // A reader paused for a peer that did not read resumes, to discard its late bytes (a resume
+  // that is not needed costs a trip into the runtime on Bun: bench/HISTORY.md, 5).
+  if (conversation.conduit.isPaused()) conversation.conduit.resume();
+  conversation.at = Date.now() + LINGER_MS;
+}
+
+/** Destroy now; a lingering conversation keeps the reason it already has. */
+function stop(conversation: Conversation, reason: EndReason): void {
+  conversation.end ??= reason;
+  conversation.conduit.destroy();
+}
 
 /**
  * Every session's deadline on one interval timer, not a timer each (memory per connection). It
@@ -463,30 +509,14 @@ function deadlines(idleMs: number, maxDurationMs: number) {
 }
 type Deadlines = ReturnType<typeof deadlines>;
 
-// --- One conversation ------------------------------------------------------------------------
-
-/** A byte stream both ways: a TCP socket, Deno's own connection, or stdin and stdout joined. */
-interface Conduit {
-  write(text: string): boolean;
-  end(): void;
-  end(last: string, done: () => void): void;
-  destroy(): void;
-  pause(): void;
-  resume(): void;
-  isPaused(): boolean;
-  on(event: "data", listener: (chunk: Uint8Array) => void): void;
-  on(event: "end" | "close" | "error", listener: () => void): void;
-  once(event: "drain", listener: () => void): void;
-}
-
-/** A session on its conduit, as the transport and the deadlines see it. */
-interface Conversation {
-  readonly conduit: Conduit;
-  readonly session: Session;
-  readonly started: number;
-  at: number; // when the deadlines act: idle or whole-life deadline, then the end of the linger
-  slot: number; // the place in the deadlines' list
-  end: EndReason | null; // set once the last reply is out: it lingers, then ends for this reason
+function perform(conversation: Conversation, step: Step, clock: Deadlines): void {
+  const { conduit } = conversation;
+  if (step.send && !conduit.write(step.send) && !step.end) {
+    conduit.pause(); // a pipelining peer that does not read is not read either
+    conduit.once("drain", () => conduit.resume());
+  }
+  if (step.end) linger(conversation, step.end);
+  else if (step.lines) clock.restart(conversation);
 }
 
 type Ended = (conversation: Conversation) => void;
@@ -515,36 +545,6 @@ function converse(conduit: Conduit, session: Session, clock: Deadlines, ended: E
     ended(conversation);
   });
   perform(conversation, session.greeting, clock);
-}
-
-function perform(conversation: Conversation, step: Step, clock: Deadlines): void {
-  const { conduit } = conversation;
-  if (step.send && !conduit.write(step.send) && !step.end) {
-    conduit.pause(); // a pipelining peer that does not read is not read either
-    conduit.once("drain", () => conduit.resume());
-  }
-  if (step.end) linger(conversation, step.end);
-  else if (step.lines) clock.restart(conversation);
-}
-
-/**
- * Send the last reply and a FIN, then read and discard for LINGER_MS before destroying, so a
- * client still sending gets the reply, not a reset that eats it.
- */
-function linger(conversation: Conversation, reason: EndReason): void {
-  if (conversation.end) return;
-  conversation.end = reason;
-  conversation.conduit.end();
-  // A reader paused for a peer that did not read resumes, to discard its late bytes (a resume
-  // that is not needed costs a trip into the runtime on Bun: bench/HISTORY.md, 5).
-  if (conversation.conduit.isPaused()) conversation.conduit.resume();
-  conversation.at = Date.now() + LINGER_MS;
-}
-
-/** Destroy now; a lingering conversation keeps the reason it already has. */
-function stop(conversation: Conversation, reason: EndReason): void {
-  conversation.end ??= reason;
-  conversation.conduit.destroy();
 }
 
 // --- Listeners -------------------------------------------------------------------------------
@@ -578,33 +578,7 @@ function bindNode(where: ListenAddress): Promise<Listener> {
   });
 }
 
-/**
- * Deno's own listener. Deno's node:net listener stops accepting for good after one EMFILE and
- * loses the greeting of a client that half-closes at once; `Deno.listen` reports EMFILE and
- * goes on once descriptors free up.
- */
-function bindDeno({ host, port }: { host: string; port: number }): Listener {
-  const listener = deno!.listen({ hostname: host, port, transport: "tcp" });
-  const { hostname: address } = listener.addr;
-  let open = true;
-  return {
-    address: { address, family: address.includes(":") ? "IPv6" : "IPv4", port: listener.addr.port },
-    async start(accepted, failed) {
-      while (open) {
-        const conn = await listener.accept().catch((error: Errno) => error);
-        if (!(conn instanceof Error)) accepted(denoConnection(conn));
-        else if (open) {
-          failed(conn);
-          await sleep(100); // out of descriptors: try again once some may be free
-        }
-      }
-    },
-    close() {
-      open = false;
-      listener.close();
-    },
-  };
-}
+const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
 
 /** Deno: read a line's worth at once (MAX_LINE); a held connection holds this buffer. */
 const DENO_READ_BYTES = 1024;
@@ -689,6 +663,34 @@ function denoConnection(conn: DenoConn): Connection {
   } as Connection;
 }
 
+/**
+ * Deno's own listener. Deno's node:net listener stops accepting for good after one EMFILE and
+ * loses the greeting of a client that half-closes at once; `Deno.listen` reports EMFILE and
+ * goes on once descriptors free up.
+ */
+function bindDeno({ host, port }: { host: string; port: number }): Listener {
+  const listener = deno!.listen({ hostname: host, port, transport: "tcp" });
+  const { hostname: address } = listener.addr;
+  let open = true;
+  return {
+    address: { address, family: address.includes(":") ? "IPv6" : "IPv4", port: listener.addr.port },
+    async start(accepted, failed) {
+      while (open) {
+        const conn = await listener.accept().catch((error: Errno) => error);
+        if (!(conn instanceof Error)) accepted(denoConnection(conn));
+        else if (open) {
+          failed(conn);
+          await sleep(100); // out of descriptors: try again once some may be free
+        }
+      }
+    },
+    close() {
+      open = false;
+      listener.close();
+    },
+  };
+}
+
 function bindOne(where: ListenAddress): Promise<Listener> {
   if (!deno || "fd" in where) return bindNode(where);
   return new Promise((resolve) => resolve(bindDeno(where))); // a failure to bind rejects
@@ -733,6 +735,9 @@ export interface ServeOptions {
   readonly log?: Log;
 }
 
+/** The name in replies, and where it came from: `--hostname`, `system` or `local-address`. */
+type Name = { readonly value: string; readonly source: string };
+
 export interface Smtp521Server {
   readonly addresses: readonly AddressInfo[]; // bound, with their actual ports
   readonly name: Name; // the name in replies
@@ -740,9 +745,6 @@ export interface Smtp521Server {
   /** Stop accepting, let sessions end for `drainMs`, close the rest; sessions by end reason. */
   close(drainMs?: number): Promise<Record<string, number>>;
 }
-
-/** The name in replies, and where it came from: `--hostname`, `system` or `local-address`. */
-type Name = { readonly value: string; readonly source: string };
 
 /** The flag's name, else a fully qualified system name; null: each connection's local address. */
 function fixedName(hostname: string | undefined): Name | null {
@@ -768,6 +770,23 @@ function settle<T extends ServeOptions>(options: T) {
     log("session", { ...ends, mode, duration_ms, lines, end }, at);
   };
   return { ...settings, config, logSession };
+}
+
+/** Descriptors the runtime itself holds (event loop, stdio, workers), with room to spare. */
+const RESERVED_DESCRIPTORS = 32;
+
+/**
+ * How many sockets fit under the descriptor limit (Linux, where it may be read). Staying under
+ * it keeps Node's and Bun's accept loops off EMFILE, which they absorb silently.
+ */
+function descriptorRoom(): number {
+  if (!mayRead({ name: "read", path: "/proc/self/limits" })) return Infinity;
+  try {
+    const limit = /^Max open files\s+(\d+)/m.exec(readFileSync("/proc/self/limits", "latin1"))?.[1];
+    return limit ? Number(limit) - RESERVED_DESCRIPTORS : Infinity;
+  } catch {
+    return Infinity;
+  }
 }
 
 /** Serve smtp521 on TCP until `close()`. Rejects if any address cannot be bound. */
@@ -865,28 +884,26 @@ export async function serve(options: ServeOptions = {}): Promise<Smtp521Server> 
   };
 }
 
-/** Descriptors the runtime itself holds (event loop, stdio, workers), with room to spare. */
-const RESERVED_DESCRIPTORS = 32;
-
-/**
- * How many sockets fit under the descriptor limit (Linux, where it may be read). Staying under
- * it keeps Node's and Bun's accept loops off EMFILE, which they absorb silently.
- */
-function descriptorRoom(): number {
-  if (!mayRead({ name: "read", path: "/proc/self/limits" })) return Infinity;
-  try {
-    const limit = /^Max open files\s+(\d+)/m.exec(readFileSync("/proc/self/limits", "latin1"))?.[1];
-    return limit ? Number(limit) - RESERVED_DESCRIPTORS : Infinity;
-  } catch {
-    return Infinity;
-  }
-}
-
-const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
-
 // --- Stdio -----------------------------------------------------------------------------------
 
 export type StdioOptions = Omit<ServeOptions, "listen" | "maxConnections" | "maxPerIp">;
+
+/**
+ * Stdin and stdout as one conduit. Where they are one socket (inetd, systemd `Accept=yes`,
+ * socat), its addresses name the ends, and on Node the session runs over that socket, for a real
+ * half-close. Bun cannot open descriptor 0 as a socket, and Deno's node:net socket loses the
+ * greeting of a client that half-closes at once: there the session runs over both joined.
+ */
+function stdioConduit(): Connection {
+  const [input, output] = [fstatSync(0), fstatSync(1)];
+  const oneSocket = input.isSocket() && input.dev === output.dev && input.ino === output.ino;
+  if (oneSocket && !bun && !deno) return new Socket({ fd: 0, readable: true, writable: true });
+  const joined = Duplex.from({ readable: process.stdin, writable: process.stdout });
+  if (!oneSocket || bun) return joined;
+  const socket = new Socket({ fd: 0, readable: false }); // only to read its two ends
+  const { localAddress, localPort, remoteAddress, remotePort } = socket;
+  return Object.assign(joined, { localAddress, localPort, remoteAddress, remotePort });
+}
 
 /**
  * `--stdio`: one session on standard input and output, as inetd, xinetd, systemd `Accept=yes`,
@@ -917,23 +934,6 @@ export function serveStdio(options: StdioOptions = {}) {
     });
   });
   return { done, stop: clock.stopAll };
-}
-
-/**
- * Stdin and stdout as one conduit. Where they are one socket (inetd, systemd `Accept=yes`,
- * socat), its addresses name the ends, and on Node the session runs over that socket, for a real
- * half-close. Bun cannot open descriptor 0 as a socket, and Deno's node:net socket loses the
- * greeting of a client that half-closes at once: there the session runs over both joined.
- */
-function stdioConduit(): Connection {
-  const [input, output] = [fstatSync(0), fstatSync(1)];
-  const oneSocket = input.isSocket() && input.dev === output.dev && input.ino === output.ino;
-  if (oneSocket && !bun && !deno) return new Socket({ fd: 0, readable: true, writable: true });
-  const joined = Duplex.from({ readable: process.stdin, writable: process.stdout });
-  if (!oneSocket || bun) return joined;
-  const socket = new Socket({ fd: 0, readable: false }); // only to read its two ends
-  const { localAddress, localPort, remoteAddress, remotePort } = socket;
-  return Object.assign(joined, { localAddress, localPort, remoteAddress, remotePort });
 }
 
 // === Options ================================================================================
@@ -994,8 +994,6 @@ const FLAGS = {
 
 export type LogFormat = "text" | "json" | "off";
 
-export type Options = ReturnType<typeof checkedOptions>;
-
 /** A configuration error: names the flag and the fix (exit 2). */
 export type UsageError = { readonly error: string };
 
@@ -1037,24 +1035,6 @@ function listenAddress(value: string): ListenAddress {
     "listen",
     `"${value}" is not ADDR:PORT, [IPv6]:PORT, :PORT or fd:N (e.g. 192.0.2.1:25)`,
   );
-}
-
-/** Parse the server's flags. */
-export function parseOptions(args: readonly string[]): Options | UsageError {
-  try {
-    return checkedOptions(parseArgs({ args: [...args], options: FLAGS, strict: true }).values);
-  } catch (error) {
-    if (isError(error)) return error;
-    const { code, message } = error as NodeJS.ErrnoException;
-    if (!code?.startsWith("ERR_PARSE_ARGS")) throw error;
-    const flag = /'([^' ]+)/.exec(message)?.[1] ?? String(args[0]);
-    const why = code === "ERR_PARSE_ARGS_UNKNOWN_OPTION"
-      ? "unknown flag"
-      : code === "ERR_PARSE_ARGS_UNEXPECTED_POSITIONAL"
-      ? "unexpected argument"
-      : "needs a value";
-    return { error: `${flag}: ${why}; see --help` };
-  }
 }
 
 type FlagValues = ReturnType<typeof parseArgs<{ options: typeof FLAGS; strict: true }>>["values"];
@@ -1100,6 +1080,26 @@ function checkedOptions(values: FlagValues) {
   return { mode, hostname: name, listen, domains: list, rcptCode, ...limits, ...rest };
 }
 
+export type Options = ReturnType<typeof checkedOptions>;
+
+/** Parse the server's flags. */
+export function parseOptions(args: readonly string[]): Options | UsageError {
+  try {
+    return checkedOptions(parseArgs({ args: [...args], options: FLAGS, strict: true }).values);
+  } catch (error) {
+    if (isError(error)) return error;
+    const { code, message } = error as NodeJS.ErrnoException;
+    if (!code?.startsWith("ERR_PARSE_ARGS")) throw error;
+    const flag = /'([^' ]+)/.exec(message)?.[1] ?? String(args[0]);
+    const why = code === "ERR_PARSE_ARGS_UNKNOWN_OPTION"
+      ? "unknown flag"
+      : code === "ERR_PARSE_ARGS_UNEXPECTED_POSITIONAL"
+      ? "unexpected argument"
+      : "needs a value";
+    return { error: `${flag}: ${why}; see --help` };
+  }
+}
+
 // === Logs ===================================================================================
 // One line per event on standard error, never standard output (under --stdio, the session).
 
@@ -1132,6 +1132,14 @@ const LOG_EXIT_MS = 2000;
 
 /** Hands bytes to the log's sink, then calls back once, with the error if they were lost. */
 export type LogSink = (bytes: Uint8Array, done: (error: Error | null) => void) => void;
+
+/** Write all of `bytes` to standard error (a pipe may take part of them), then call back. */
+function writeStderr(bytes: Uint8Array, done: (error: Error | null) => void): void {
+  write(2, bytes, 0, bytes.length, null, (error, written) => {
+    if (error || written === bytes.length) done(error);
+    else writeStderr(bytes.subarray(written), done);
+  });
+}
 
 /**
  * A log to standard error (or `sink`), one write at a time. The log is never a way to stop the
@@ -1182,14 +1190,6 @@ export function createLog(format: LogFormat, sink: LogSink = writeStderr) {
   return { log, flush, dropped: () => dropped };
 }
 
-/** Write all of `bytes` to standard error (a pipe may take part of them), then call back. */
-function writeStderr(bytes: Uint8Array, done: (error: Error | null) => void): void {
-  write(2, bytes, 0, bytes.length, null, (error, written) => {
-    if (error || written === bytes.length) done(error);
-    else writeStderr(bytes.subarray(written), done);
-  });
-}
-
 // === Main ===================================================================================
 // A server, or one stdio session, until SIGTERM or SIGINT.
 
@@ -1218,6 +1218,13 @@ function unsupported({ listen, user }: Options): string | null {
   return null;
 }
 
+/** The primary group of a user, by name or uid, from /etc/passwd. */
+function primaryGroup(user: string | number): number | undefined {
+  const users = readFileSync("/etc/passwd", "latin1").split("\n").map((line) => line.split(":"));
+  const entry = users.find((fields) => fields[typeof user === "string" ? 0 : 2] === String(user));
+  return entry?.[3] ? Number(entry[3]) : undefined;
+}
+
 /**
  * `--user NAME[:GROUP]`, names or numeric ids: supplementary groups, gid, then uid, after
  * binding (Node, Bun). A user named by number may have no passwd entry to take groups from: its
@@ -1232,13 +1239,6 @@ function dropPrivileges(spec: string): Record<string, string | number> {
   process.setgid!(gid);
   process.setuid!(user);
   return { uid: process.getuid!(), gid: process.getgid!(), groups: process.getgroups!().join(",") };
-}
-
-/** The primary group of a user, by name or uid, from /etc/passwd. */
-function primaryGroup(user: string | number): number | undefined {
-  const users = readFileSync("/etc/passwd", "latin1").split("\n").map((line) => line.split(":"));
-  const entry = users.find((fields) => fields[typeof user === "string" ? 0 : 2] === String(user));
-  return entry?.[3] ? Number(entry[3]) : undefined;
 }
 
 /** Text on stderr (after the program's name) or stdout, then the exit code, once it is out. */
