@@ -116,10 +116,7 @@ async function hostile(job: HostileJob): Promise<HostileResult> {
       socket.once("close", () => (stopping || closedByServer++, resolve()))
     )
   );
-  const drip = setInterval(
-    () => sockets.forEach((socket) => socket.writable && socket.write("X")),
-    job.dripMs,
-  );
+  const drip = setInterval(() => sockets.forEach((s) => s.writable && s.write("X")), job.dripMs);
   let sent = 0;
   if (job.lineBytes > 0) {
     const [line] = await openMany(job.port, 1);
@@ -143,24 +140,19 @@ async function hostile(job: HostileJob): Promise<HostileResult> {
   return { connected: sockets.length, closedByServer, lineSent: sent };
 }
 
-let held: Socket[] = [];
+const held: Socket[] = [];
 
+/** A job's result: sessions and hostile as typed above, hold the connections it opened. */
 async function perform(job: Job): Promise<unknown> {
-  switch (job.kind) {
-    case "sessions":
-      return await sessions(job);
-    case "hostile":
-      return await hostile(job);
-    case "hold": {
-      const opened = await openMany(job.port, job.count);
-      held.push(...opened);
-      return opened.length;
-    }
-    case "release":
-      held.forEach((socket) => socket.destroy());
-      held = [];
-      return 0;
+  if (job.kind === "sessions") return await sessions(job);
+  if (job.kind === "hostile") return await hostile(job);
+  if (job.kind === "release") {
+    for (const socket of held.splice(0)) socket.destroy();
+    return 0;
   }
+  const opened = await openMany(job.port, job.count);
+  held.push(...opened);
+  return opened.length;
 }
 
 // Only as a forked child: the types above are shared with load.ts.

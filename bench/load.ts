@@ -22,18 +22,15 @@ export const IMPLS = ["baseline", "floor", "smtp521", "control"] as const;
 export type Impl = (typeof IMPLS)[number];
 
 export const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, Math.max(0, ms)));
-/** Whether `promise` settles within `ms` (the timer does not keep the process alive). */
-const within = (promise: Promise<unknown>, ms: number) =>
-  Promise.race([promise.then(() => true), new Promise((r) => setTimeout(r, ms, false).unref())]);
 
 /** How each runtime runs a .ts file with runtime `flags`; Deno with the product's only permission. */
-export const command = (runtime: Runtime, flags: readonly string[] = []) =>
+const command = (runtime: Runtime, flags: readonly string[]) =>
   runtime === "deno"
     ? [join(BIN, "deno"), "run", ...flags, "--allow-net", "--no-prompt"]
     : [join(BIN, runtime), ...flags];
 
 /** A server's file and arguments: smtp521 (`product`) as in production, its limits out of the way. */
-export function serverArgs(impl: Impl, product: string, ...extra: string[]): string[] {
+function serverArgs(impl: Impl, product: string, extra: readonly string[]): string[] {
   const bare = join(ROOT, "bench", "bare.ts");
   if (impl !== "smtp521") return impl === "baseline" ? [bare] : [bare, "--floor"];
   const limits = ["--max-per-ip", "100000", "--max-connections", "100000"];
@@ -82,23 +79,27 @@ const spread = <T>(total: number, job: (share: number, i: number) => Job) =>
       .filter((share) => share > 0).map((share, i) => ask<T>(clients[i], job(share, i))),
   );
 
+/** What a phase needs: the runtime under test, the settings, the product's file, the logs' directory. */
+export type Bench = { runtime: Runtime; config: Config; product: string; logs: string };
 /** A running server; `startMs` from spawn to its start line (written once listening), polled every 2 ms. */
 export type Server = { pid: number; port: number; startMs: number };
 
 /**
- * `body` against a server of `args` on `runtime`, started afresh (15 s at most to its start line),
- * stopped whatever happens; its stderr in `logs`/<runtime>-`name`.log.
+ * `body` against `impl` on the runtime, started afresh with runtime `flags` and smtp521's `extra`
+ * arguments (15 s at most to its start line), stopped whatever happens; its stderr in
+ * `logs`/<runtime>-<impl>-<phase>.log.
  */
 export async function withServer<T>(
-  { runtime, logs }: { runtime: Runtime; logs: string },
-  name: string,
-  args: string[],
-  body: (server: Server) => Promise<T>,
-  flags: string[] = [],
+  { runtime, product, logs }: Bench,
+  impl: Impl,
+  phase: string,
+  body: (server: Server) => T | Promise<T>,
+  { extra = [], flags = [] }: { extra?: string[]; flags?: string[] } = {},
 ): Promise<T> {
-  const log = join(logs, `${runtime}-${name}.log`);
+  const log = join(logs, `${runtime}-${impl}-${phase}.log`);
   const pinning = serverCpu ? ["taskset", "-c", serverCpu] : [];
-  const [program, ...rest] = [...pinning, ...command(runtime, flags), ...args];
+  const args = [...pinning, ...command(runtime, flags), ...serverArgs(impl, product, extra)];
+  const [program, ...rest] = args;
   const fd = openSync(log, "w");
   const spawned = performance.now();
   const child = spawn(program, rest, { cwd: ROOT, stdio: ["ignore", "ignore", fd] });
@@ -117,7 +118,8 @@ export async function withServer<T>(
     return await body({ pid: child.pid!, port, startMs });
   } finally {
     child.kill("SIGTERM"); // smtp521 drains for up to 5 s; nothing is open by now
-    if (!(await within(exited, 8000))) child.kill("SIGKILL"), await exited;
+    const killer = setTimeout(() => child.kill("SIGKILL"), 8000);
+    await exited.finally(() => clearTimeout(killer));
   }
 }
 
@@ -139,19 +141,16 @@ export function machine(): string {
   return `${cpus()[0]?.model}, ${cpus().length} cores, ${ram} GiB RAM; ${os}, Linux ${kernel}`;
 }
 
-/** A window of sessions: sessions/s, failed sessions, greeting latency p50 and p99 (ms), and the
- * CPU of the load generator (its processes) and of the server over the window, in cores. */
-export type Rate = Record<
-  "sessionsPerS" | "failures" | "p50" | "p99" | "clientCpu" | "serverCpu",
-  number
->;
-
 /** The session of the speed figures: the 521 greeting, QUIT, the 221. */
 const GREET: Script = {
   greeting: `521 ${NAME} does not accept mail\r\n`,
   send: "QUIT\r\n",
   closing: `221 ${NAME} closing connection`,
 };
+
+/** A window of sessions: sessions/s, failed sessions, greeting latency p50 and p99 (ms), and the
+ * CPU of the load generator (its processes) and of the server over the window, in cores. */
+export type Rate = Awaited<ReturnType<typeof measureRate>>;
 
 /** `concurrency` clients doing whole sessions for `ms`, spread over the pool; they start together after 150 ms. */
 export async function measureRate(server: Server, concurrency: number, ms: number, script = GREET) {
@@ -174,7 +173,7 @@ export async function measureRate(server: Server, concurrency: number, ms: numbe
     p99: percentile(0.99),
     clientCpu: sum((r) => r.cpu),
     serverCpu,
-  } satisfies Rate;
+  };
 }
 
 /** RSS read `samples` times 100 ms apart, the median (one reading can catch a GC mid-way). */
@@ -215,13 +214,10 @@ export async function measureHostile(server: Server, config: Config): Promise<Ho
   let peak = idle;
   const sampler = setInterval(() => (peak = Math.max(peak, rss(server.pid))), 50);
   try {
-    const job = { kind: "hostile", port: server.port, ...load } as const;
     // One long line in all, from the first process.
-    const clients = await spread<HostileResult>(slowloris, (count, i) => ({
-      ...job,
-      count,
-      lineBytes: i ? 0 : load.lineBytes,
-    }));
+    const clients = await spread<HostileResult>(slowloris, (count, i) => (
+      { kind: "hostile", port: server.port, ...load, count, lineBytes: i ? 0 : load.lineBytes }
+    ));
     await sleep(100); // the last samples after both loads are gone
     return { idle, peak: Math.max(peak, rss(server.pid)), clients };
   } finally {

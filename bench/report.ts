@@ -96,12 +96,10 @@ const num = (value: number) =>
   );
 const x = (ratio: number) => `${ratio.toFixed(2)}x`;
 /** The median, and the range if there is more than one value. */
-const cell = (values: readonly number[]) =>
-  values.length > 1
-    ? `${num(median(values))} (${num(Math.min(...values))}–${num(Math.max(...values))})`
-    : values.length
-    ? num(values[0])
-    : "-";
+function cell(values: readonly number[]): string {
+  if (values.length < 2) return values.length ? num(values[0]) : "-";
+  return `${num(median(values))} (${num(Math.min(...values))}–${num(Math.max(...values))})`;
+}
 const row = (cells: readonly string[]) => `| ${cells.join(" | ")} |`;
 const table = (head: readonly string[], rows: readonly (readonly string[])[]) =>
   [row(head), row(head.map(() => "---")), ...rows.map(row)].join("\n");

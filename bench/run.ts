@@ -18,7 +18,7 @@ import { dirname, join, resolve } from "node:path";
 import process from "node:process";
 import { parseArgs } from "node:util";
 import * as load from "./load.ts";
-import { type Impl, measureRate, type Runtime, sleep, withServer } from "./load.ts";
+import { type Bench, type Impl, measureRate, type Runtime, sleep, withServer } from "./load.ts";
 import { type Line, markdown, type Raw, type Sample, type Small } from "./report.ts";
 
 const MB = 1024 * 1024;
@@ -57,22 +57,16 @@ const settings = (smoke: boolean) =>
   Object.fromEntries(Object.entries(SETTINGS).map(([k, v]) => [k, v[smoke ? 1 : 0]])) as Config;
 
 /** The runtime flags tried for a small host (bench/README.md); the first of each runtime is none. */
+const SEMI = "--max-semi-space-size=1";
 export const VARIANTS: Record<Runtime, string[][]> = {
-  node: [
-    [],
-    ["--max-semi-space-size=1"],
-    ["--max-semi-space-size=1", "--single-threaded-gc", "--v8-pool-size=0"],
-  ],
-  deno: [
-    [],
-    ["--v8-flags=--max-semi-space-size=1"],
-    ["--v8-flags=--max-semi-space-size=1,--single-threaded-gc"],
-  ],
+  node: [[], [SEMI], [SEMI, "--single-threaded-gc", "--v8-pool-size=0"]],
+  deno: [[], [`--v8-flags=${SEMI}`], [`--v8-flags=${SEMI},--single-threaded-gc`]],
   bun: [[], ["--smol"]],
 };
 
 const cut = (line: string) => line.slice(0, 998);
-const a = (n: number) => "a".repeat(n);
+/** Three labels of 63 a's and one of `last`: a domain of 192 + `last` octets. */
+const domain = (last: number) => [63, 63, 63, last].map((n) => "a".repeat(n)).join(".");
 
 /** The adversarial lines of issue 15, without their CRLF; the two NOOPs first. */
 export const SHAPES: [string, string][] = [
@@ -90,19 +84,17 @@ export const SHAPES: [string, string][] = [
   ["RCPT TO:< + \\", cut(`RCPT TO:<${"\\".repeat(990)}`)],
   ["RCPT TO:<u@ + a. x 490 + >", cut(`RCPT TO:<u@${"a.".repeat(490)}>`)],
   ["RCPT TO:<u@a + - x 970 + >", cut(`RCPT TO:<u@a${"-".repeat(970)}>`)],
-  [
-    "RCPT TO:<u@ + a valid 253-octet domain + >",
-    `RCPT TO:<u@${[a(63), a(63), a(63), a(61)].join(".")}>`,
-  ],
+  ["RCPT TO:<u@ + a valid 253-octet domain + >", `RCPT TO:<u@${domain(61)}>`],
   [
     "RCPT TO: + a 256-octet path + parameters",
-    cut(`RCPT TO:<u@${[a(63), a(63), a(63), a(60)].join(".")}> ${"X-P=v ".repeat(130)}`),
+    cut(`RCPT TO:<u@${domain(60)}> ${"X-P=v ".repeat(130)}`),
   ],
 ];
 
 const PHASES = ["speed", "memory", "hostile", "lines", "small"] as const;
-/** The servers of the speed phase, in this order, reversed every repeat. */
+/** The servers of the speed and the memory phase, in this order, reversed every repeat. */
 const RATED: Impl[] = ["floor", "smtp521", "control"];
+const HELD: Impl[] = ["baseline", "smtp521"];
 
 const begun = Date.now();
 const progress = (text: string) =>
@@ -110,12 +102,9 @@ const progress = (text: string) =>
     `bench ${((Date.now() - begun) / 1000).toFixed(0).padStart(4)} s: ${text}\n`,
   );
 
-/** What a phase needs: the runtime under test, the settings, the product's file, the logs' directory. */
-type Bench = { runtime: Runtime; config: Config; product: string; logs: string };
-
 /** Speed at each concurrency, after a warm-up; each window after unmeasured load of its own. */
 const speedPhase = (b: Bench, impl: Impl) =>
-  withServer(b, `${impl}-speed`, load.serverArgs(impl, b.product), async (server) => {
+  withServer(b, impl, "speed", async (server) => {
     const { config } = b;
     await measureRate(server, 16, config.rateWarmMs);
     const rates: Sample["rates"] = {};
@@ -128,30 +117,27 @@ const speedPhase = (b: Bench, impl: Impl) =>
 
 /** Idle RSS, then with `hold` and 2 x `hold` idle connections, on a fresh process with no warm-up (HISTORY.md, 1). */
 const memoryPhase = (b: Bench, impl: Impl) =>
-  withServer(b, `${impl}-memory`, load.serverArgs(impl, b.product), async (server) => {
+  withServer(b, impl, "memory", async (server) => {
     await sleep(b.config.settleMs);
     return await load.measureHeld(server, b.config.hold, 2, b.config);
   });
 
 /** Peak RSS under slowloris plus a long line, on a server that has served a second of sessions. */
-function hostilePhase(b: Bench) {
-  const args = load.serverArgs("smtp521", b.product, "--timeout", String(b.config.timeoutS));
-  return withServer(b, "smtp521-hostile", args, async (server) => {
+const hostilePhase = (b: Bench) =>
+  withServer(b, "smtp521", "hostile", async (server) => {
     await measureRate(server, 8, 2 * b.config.warmMs);
     await sleep(b.config.settleMs);
     return await load.measureHostile(server, b.config);
-  });
-}
+  }, { extra: ["--timeout", String(b.config.timeoutS)] });
 
 /** CPU per session of EHLO, MAIL, 100 lines of one shape and QUIT, pipelined, in rcpt mode; shapes interleaved. */
 function linesPhase(b: Bench): Promise<Line[]> {
-  const args = load.serverArgs("smtp521", b.product, "--mode", "rcpt", "--max-commands", "1000");
   const script = (line: string) => ({
     greeting: "220 ",
     send: `EHLO x\r\nMAIL FROM:<>\r\n${`${line}\r\n`.repeat(100)}QUIT\r\n`,
     closing: "221 ",
   });
-  return withServer(b, "smtp521-lines", args, async (server) => {
+  return withServer(b, "smtp521", "lines", async (server) => {
     const cpu: number[][] = SHAPES.map(() => []);
     await measureRate(server, 4, b.config.rateWarmMs, script(SHAPES[1][1]));
     for (let round = 0; round < b.config.lineRounds; round++) {
@@ -165,23 +151,20 @@ function linesPhase(b: Bench): Promise<Line[]> {
       }
     }
     return SHAPES.map(([name, line], i) => ({ name, octets: line.length + 2, cpu: cpu[i] }));
-  });
+  }, { extra: ["--mode", "rcpt", "--max-commands", "1000"] });
 }
 
 /** Per flag variant: start-up to the start line, idle RSS, RSS after serving 16 clients and with connections held. */
 async function smallPhase(b: Bench): Promise<Small[]> {
   const { config } = b;
   const result: Small[] = [];
-  const args = load.serverArgs("smtp521", b.product);
   for (const flags of VARIANTS[b.runtime]) {
     const startMs: number[] = [];
     for (let i = 1; i < config.starts; i++) {
-      startMs.push(
-        await withServer(b, "smtp521-small", args, (s) => Promise.resolve(s.startMs), flags),
-      );
+      startMs.push(await withServer(b, "smtp521", "small", (s) => s.startMs, { flags }));
     }
     result.push(
-      await withServer(b, "smtp521-small", args, async (server) => {
+      await withServer(b, "smtp521", "small", async (server) => {
         const rss = () => load.settledRss(server.pid, config.rssSamples);
         startMs.push(server.startMs);
         await sleep(config.settleMs);
@@ -191,7 +174,7 @@ async function smallPhase(b: Bench): Promise<Small[]> {
         const served = await rss();
         const held = (await load.measureHeld(server, config.smallHold, 1, config)).steps[0].rss;
         return { flags, startMs, idle, served, held, rate };
-      }, flags),
+      }, { flags }),
     );
   }
   return result;
@@ -266,9 +249,7 @@ export async function main(args: string[]): Promise<void> {
           for (const impl of swap(RATED)) mine[impl].rates = await speedPhase(b, impl);
         }
         if (phases.includes("memory")) {
-          for (const impl of swap<Impl>(["baseline", "smtp521"])) {
-            mine[impl].held = await memoryPhase(b, impl);
-          }
+          for (const impl of swap(HELD)) mine[impl].held = await memoryPhase(b, impl);
         }
         if (phases.includes("hostile")) mine.smtp521.hostile = await hostilePhase(b);
         progress(`${runtime}, repeat ${repeat + 1} of ${config.repeats}: done`);
@@ -285,10 +266,8 @@ export async function main(args: string[]): Promise<void> {
   }
   const productAfter = describeProduct(product);
   const version = (runtime: Runtime) => {
-    const text = execFileSync(load.command(runtime)[0], ["--version"], {
-      encoding: "utf8",
-      timeout: 10_000,
-    });
+    const text = execFileSync(join(load.BIN, runtime), ["--version"], { timeout: 10_000 })
+      .toString();
     return [runtime, /\d+\.\d+\.\d+/.exec(text)?.[0] ?? text.trim()];
   };
   const context: Raw["context"] = {
