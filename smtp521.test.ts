@@ -644,6 +644,11 @@ describe("options", () => {
     expect(parseOptions([flag, value])).toMatchObject({ listen: [where] });
   });
 
+  it("says why: a flag that takes no value, one that needs one", () => {
+    expect(parseOptions(["--stdio=yes"])).toEqual({ error: "--stdio: takes no value; see --help" });
+    expect(parseOptions(["--mode"])).toEqual({ error: "--mode: needs a value; see --help" });
+  });
+
   it("lower-cases --hostname and accepts address literals", () => {
     expect(parseOptions(["--hostname", "NTP1.Example.ORG."])).toMatchObject({
       hostname: "ntp1.example.org",
@@ -668,6 +673,9 @@ describe("options", () => {
     [["--log", "xml"], "--log"],
     [["--frobnicate"], "--frobnicate"],
     [["--mode"], "--mode"],
+    [["--port", "abc"], "--port"],
+    [["--port", "70000"], "--port"],
+    [["--stdio=yes"], "--stdio"],
   ])("rejects %j naming %s", (args, flag) => {
     const result = parseOptions(args);
     expect(result).toHaveProperty("error");

@@ -59,6 +59,7 @@ const { Deno: deno, Bun: bun } = globalThis as unknown as {
     permissions: { querySync(query: PermissionQuery): { state: string } };
     version: { deno: string };
     listen(options: { hostname: string; port: number; transport: "tcp" }): DenoListener;
+    stderr: { write(bytes: Uint8Array): Promise<number> };
   };
   Bun?: { version: string };
 };
@@ -262,11 +263,11 @@ export function overloadSession(config: SessionConfig): Session {
 }
 
 /**
- * The line from `start` to its LF at `lf`, without one CR, then without trailing blanks (no
- * command needs them), by a loop: a pattern such as /[ \t]+$/ costs a run of blanks squared.
+ * The line in `bytes` from `start` to `stop` (its LF), without one CR, then without trailing blanks
+ * (no command needs them), by a loop: a pattern such as /[ \t]+$/ costs a run of blanks squared.
  */
-function lineText(bytes: Buffer, start: number, lf: number): string {
-  let end = lf > start && bytes[lf - 1] === CR ? lf - 1 : lf;
+function lineText(bytes: Buffer, start: number, stop: number): string {
+  let end = stop > start && bytes[stop - 1] === CR ? stop - 1 : stop;
   while (end > start && (bytes[end - 1] === SPACE || bytes[end - 1] === TAB)) end--;
   return bytes.toString("latin1", start, end);
 }
@@ -295,12 +296,12 @@ const NOT_IN_PATH = /[^\x21-\x3b\x3d\x3f-\x7e]/;
  */
 function pathArgument(args: string, keyword: "FROM:" | "TO:"): string | null {
   if (args.slice(0, keyword.length).toUpperCase() !== keyword) return null;
-  const open = args.charCodeAt(keyword.length) === SPACE ? keyword.length + 1 : keyword.length;
-  const close = args.indexOf(">", open);
-  if (args[open] !== "<" || close < 0 || close - open + 1 > MAX_PATH) return null;
+  const lt = args.charCodeAt(keyword.length) === SPACE ? keyword.length + 1 : keyword.length;
+  const gt = args.indexOf(">", lt);
+  if (args[lt] !== "<" || gt < 0 || gt - lt + 1 > MAX_PATH) return null;
   // Parameters must follow a space; no extension is offered, so none is read or echoed.
-  const badParameters = close + 1 < args.length && args[close + 1] !== " ";
-  const path = args.slice(open + 1, close);
+  const badParameters = gt + 1 < args.length && args[gt + 1] !== " ";
+  const path = args.slice(lt + 1, gt);
   return badParameters || NOT_IN_PATH.test(path) ? null : path;
 }
 
@@ -402,7 +403,7 @@ export function receive(session: Session, chunk: Uint8Array): Step {
 
 // --- Limits ----------------------------------------------------------------------------------
 
-/** The defaults of `serve`, and so of the flags that set them (`FLAGS`, README "Flags"). */
+/** The defaults of `serve` and its `close`, and so of the flags that set them (`FLAGS`). */
 const DEFAULTS = {
   mode: "greet",
   listen: [{ host: "", port: 25 }],
@@ -410,6 +411,7 @@ const DEFAULTS = {
   maxPerIp: 10,
   timeoutMs: 300_000,
   maxDurationMs: 600_000,
+  drainMs: 5000,
   rcptCode: 521,
   domains: null,
   log: () => {},
@@ -436,7 +438,6 @@ interface Conduit {
   destroy(): void;
   pause(): void;
   resume(): void;
-  isPaused(): boolean;
   on(event: "data", listener: (chunk: Uint8Array) => void): void;
   on(event: "end" | "close" | "error", listener: () => void): void;
   once(event: "drain", listener: () => void): void;
@@ -460,9 +461,6 @@ function linger(conversation: Conversation, reason: EndReason): void {
   if (conversation.end) return;
   conversation.end = reason;
   conversation.conduit.end();
-  // A reader paused for a peer that did not read resumes, to discard its late bytes (a resume
-  // that is not needed costs a trip into the runtime on Bun: bench/HISTORY.md, 5).
-  if (conversation.conduit.isPaused()) conversation.conduit.resume();
   conversation.at = Date.now() + LINGER_MS;
 }
 
@@ -480,31 +478,34 @@ function stop(conversation: Conversation, reason: EndReason): void {
  */
 function deadlines(idleMs: number, maxDurationMs: number) {
   const periodMs = Math.max(20, Math.min(idleMs, maxDurationMs, LINGER_MS) / 10);
-  const open: Conversation[] = [];
+  const watched: Conversation[] = [];
   let timer: ReturnType<typeof setInterval> | undefined;
   const sweep = () => {
     const now = Date.now();
     // Backwards: a stopped session may leave at once, moving the last one into its slot.
-    for (let i = open.length - 1; i >= 0; i--) if (open[i]?.at <= now) stop(open[i], "timeout");
-    if (open.length === 0) timer = void clearInterval(timer);
+    for (let i = watched.length - 1; i >= 0; i--) {
+      if (watched[i]?.at <= now) stop(watched[i], "timeout");
+    }
+    if (watched.length === 0) timer = void clearInterval(timer);
   };
   return {
     add(conversation: Conversation) {
-      conversation.slot = open.push(conversation) - 1;
+      conversation.slot = watched.push(conversation) - 1;
       timer ??= setInterval(sweep, periodMs);
     },
     remove(conversation: Conversation) {
-      const last = open.pop()!;
-      if (last !== conversation) open[last.slot = conversation.slot] = last;
+      const last = watched.pop()!;
+      if (last !== conversation) watched[last.slot = conversation.slot] = last;
     },
     /** RFC 5321 §4.5.3.2.7: the idle time-out restarts with each line, never past the life. */
     restart(conversation: Conversation) {
       conversation.at = Math.min(Date.now() + idleMs, conversation.started + maxDurationMs);
     },
     /** Close every open session now, for this reason. */
-    stopAll: (reason: EndReason) => [...open].forEach((conversation) => stop(conversation, reason)),
+    stopAll: (reason: EndReason) =>
+      [...watched].forEach((conversation) => stop(conversation, reason)),
     /** Stop the timer now, not at its next sweep, if no session is open (a server closing). */
-    release: () => open.length === 0 && (timer = void clearInterval(timer)),
+    release: () => watched.length === 0 && (timer = void clearInterval(timer)),
   };
 }
 type Deadlines = ReturnType<typeof deadlines>;
@@ -659,7 +660,6 @@ function denoConnection(conn: DenoConn): Connection {
       paused = false;
       wake?.();
     },
-    isPaused: () => paused,
   } as Connection;
 }
 
@@ -671,22 +671,22 @@ function denoConnection(conn: DenoConn): Connection {
 function bindDeno({ host, port }: { host: string; port: number }): Listener {
   const listener = deno!.listen({ hostname: host, port, transport: "tcp" });
   const { hostname: address } = listener.addr;
-  let open = true;
+  let accepting = true;
   return {
     address: { address, family: address.includes(":") ? "IPv6" : "IPv4", port: listener.addr.port },
     async start(accepted, failed) {
-      while (open) {
+      while (accepting) {
         const conn = await listener.accept().catch((error: Errno) => error);
         if (!(conn instanceof Error)) accepted(denoConnection(conn));
-        else if (open) {
+        else if (accepting) {
           failed(conn);
           await sleep(100); // out of descriptors: try again once some may be free
         }
       }
     },
     close() {
-      open = false;
-      listener.close();
+      if (accepting) listener.close(); // once: a second signal closes the server again
+      accepting = false;
     },
   };
 }
@@ -758,7 +758,9 @@ type Ends = { readonly remote: string; readonly local_port: number | string };
 
 /** The options with every default filled in, a session config for a name, and the session log. */
 function settle<T extends ServeOptions>(options: T) {
-  const settings = { ...DEFAULTS, ...options };
+  // An option given as undefined takes its default, as if it were left out.
+  const given = Object.entries(options).filter(([, value]) => value !== undefined);
+  const settings = { ...DEFAULTS, ...Object.fromEntries(given) as T };
   const { mode, rcptCode, domains, log } = settings;
   const maxCommands = options.maxCommands ?? MAX_COMMANDS[mode];
   const config = (name: string): SessionConfig => ({ mode, name, maxCommands, rcptCode, domains });
@@ -798,7 +800,7 @@ export async function serve(options: ServeOptions = {}): Promise<Smtp521Server> 
   const perNetwork = new Map<string, number>();
   const endings: Record<string, number> = {};
   const room = descriptorRoom();
-  let [open, overloaded, lastWarning] = [0, 0, 0];
+  let [admitted, overloaded, lastWarning] = [0, 0, 0];
 
   const record = (ends: Ends, end: EndReason, conversation?: Conversation) => {
     endings[end] = (endings[end] ?? 0) + 1;
@@ -824,24 +826,24 @@ export async function serve(options: ServeOptions = {}): Promise<Smtp521Server> 
     const config = fixedConfig || settings.config(addressLiteral(local));
     const network = clientNetwork(ip);
     const fromNetwork = perNetwork.get(network) ?? 0;
-    const over = open >= settings.maxConnections || fromNetwork >= settings.maxPerIp;
-    const full = open + overloaded >= room;
-    if (full) warn("EMFILE", `near the descriptor limit: ${open + overloaded} sockets open`);
-    if (full || (over && overloaded >= settings.maxConnections)) {
+    const overLimit = admitted >= settings.maxConnections || fromNetwork >= settings.maxPerIp;
+    const full = admitted + overloaded >= room;
+    if (full) warn("EMFILE", `near the descriptor limit: ${admitted + overloaded} sockets open`);
+    if (full || (overLimit && overloaded >= settings.maxConnections)) {
       // Even the lingering of refusals is bounded; past it, greet and drop.
       connection.on("error", () => {});
       connection.end(overloadSession(config).greeting.send, () => connection.destroy());
       return record(ends, "overload");
     }
-    if (over) overloaded++;
+    if (overLimit) overloaded++;
     else {
-      open++;
+      admitted++;
       perNetwork.set(network, fromNetwork + 1);
     }
-    converse(connection, (over ? overloadSession : createSession)(config), clock, (ended) => {
-      if (over) overloaded--;
+    converse(connection, (overLimit ? overloadSession : createSession)(config), clock, (ended) => {
+      if (overLimit) overloaded--;
       else {
-        open--;
+        admitted--;
         const left = perNetwork.get(network)! - 1;
         if (left) perNetwork.set(network, left);
         else perNetwork.delete(network);
@@ -866,12 +868,12 @@ export async function serve(options: ServeOptions = {}): Promise<Smtp521Server> 
     start((connection) => accept(connection, localIp, address.port), failed);
   }
 
-  async function close(drainMs = 5000): Promise<Record<string, number>> {
+  async function close(drainMs = DEFAULTS.drainMs): Promise<Record<string, number>> {
     listeners.forEach((listener) => listener.close());
     const deadline = Date.now() + drainMs;
-    while (open + overloaded > 0 && Date.now() < deadline) await sleep(50);
+    while (admitted + overloaded > 0 && Date.now() < deadline) await sleep(50);
     clock.stopAll("shutdown");
-    while (open + overloaded > 0) await sleep(10);
+    while (admitted + overloaded > 0) await sleep(10);
     clock.release();
     return endings;
   }
@@ -879,7 +881,7 @@ export async function serve(options: ServeOptions = {}): Promise<Smtp521Server> 
   return {
     addresses: listeners.map((listener) => listener.address),
     name: name ?? { value: "[local address of each connection]", source: "local-address" },
-    connections: () => open + overloaded,
+    connections: () => admitted + overloaded,
     close,
   };
 }
@@ -985,7 +987,7 @@ const FLAGS = {
   "max-per-ip": { type: "string", default: String(DEFAULTS.maxPerIp) },
   timeout: { type: "string", default: String(DEFAULTS.timeoutMs / 1000) },
   "max-duration": { type: "string", default: String(DEFAULTS.maxDurationMs / 1000) },
-  drain: { type: "string", default: "5" },
+  drain: { type: "string", default: String(DEFAULTS.drainMs / 1000) },
   user: { type: "string" },
   log: { type: "string", default: "text" },
   help: { type: "boolean", short: "h", default: false },
@@ -1001,26 +1003,24 @@ const isError = (value: unknown): value is UsageError =>
   typeof value === "object" && value !== null && "error" in value;
 
 /** Stop parsing with the error for `--flag` (parseOptions catches it and returns it). */
-function reject(flag: string, why: string): never {
+function fail(flag: string, why: string): never {
   throw { error: `--${flag}: ${why}` } satisfies UsageError;
 }
 
 function choice<T extends string>(flag: string, value: string, allowed: readonly T[]): T {
   if ((allowed as readonly string[]).includes(value)) return value as T;
-  return reject(flag, `"${value}" is not one of ${allowed.join(", ")}`);
+  return fail(flag, `"${value}" is not one of ${allowed.join(", ")}`);
 }
 
 function count(flag: string, value: string, max: number): number {
   const n = /^\d+$/.test(value) ? Number(value) : NaN;
-  return n >= 1 && n <= max
-    ? n
-    : reject(flag, `"${value}" must be a whole number from 1 to ${max}`);
+  return n >= 1 && n <= max ? n : fail(flag, `"${value}" must be a whole number from 1 to ${max}`);
 }
 
 function seconds(flag: string, value: string): number {
   const n = /^\d+(\.\d+)?$/.test(value) ? Number(value) : NaN;
   if (n >= 0.1 && n <= 86_400) return Math.round(n * 1000);
-  return reject(flag, `"${value}" must be seconds from 0.1 to 86400`);
+  return fail(flag, `"${value}" must be seconds from 0.1 to 86400`);
 }
 
 /** `ADDR:PORT`, `[IPv6]:PORT`, `:PORT` or `fd:N`. */
@@ -1031,7 +1031,7 @@ function listenAddress(value: string): ListenAddress {
   const host = parts?.[1] ?? parts?.[2] ?? "";
   const port = Number(parts?.[3]);
   if (parts && (!host || isIP(host)) && port <= 65535) return { host, port };
-  return reject(
+  return fail(
     "listen",
     `"${value}" is not ADDR:PORT, [IPv6]:PORT, :PORT or fd:N (e.g. 192.0.2.1:25)`,
   );
@@ -1052,28 +1052,33 @@ function checkedOptions(values: FlagValues) {
   const timeoutMs = seconds("timeout", values.timeout);
   const maxDurationMs = seconds("max-duration", values["max-duration"]);
   const drainMs = seconds("drain", values.drain);
-  const listen = (port !== undefined ? [`:${port}`] : values.listen ?? [":25"]).map(listenAddress);
+  if (port !== undefined && !(/^\d+$/.test(port) && Number(port) <= 65535)) {
+    fail("port", `"${port}" is not a port number from 0 to 65535`);
+  }
+  const listen = port === undefined
+    ? values.listen?.map(listenAddress) ?? [...DEFAULTS.listen]
+    : [listenAddress(`:${port}`)];
   if (port !== undefined && values.listen) {
-    reject("port", "give either --port or --listen, not both");
+    fail("port", "give either --port or --listen, not both");
   }
   const name = hostname === undefined ? undefined : checkedDomain(hostname);
   if (name === null) {
     const example = "(e.g. ntp1.example.org or [192.0.2.1])";
-    reject("hostname", `"${hostname}" is not a domain name or address literal ${example}`);
+    fail("hostname", `"${hostname}" is not a domain name or address literal ${example}`);
   }
   const list = domains === undefined ? null : parseDomainList(domains);
   if (typeof list === "string") {
     const what = "is not a domain, .domain or address literal list (e.g. a.example,.b.example)";
-    reject("domains", `"${list}" ${what}`);
+    fail("domains", `"${list}" ${what}`);
   }
   if (list && mode !== "rcpt") {
-    reject("domains", "only rcpt mode reads recipients; add --mode rcpt");
+    fail("domains", "only rcpt mode reads recipients; add --mode rcpt");
   }
   if (user !== undefined && !/^[^:]+(?::[^:]+)?$/.test(user)) {
-    reject("user", `"${user}" is not NAME or NAME:GROUP (names or numeric ids, e.g. nobody)`);
+    fail("user", `"${user}" is not NAME or NAME:GROUP (names or numeric ids, e.g. nobody)`);
   }
   if (stdio && (values.listen || port !== undefined)) {
-    reject("stdio", "serves one session on stdin/stdout; drop --listen and --port");
+    fail("stdio", "serves one session on stdin/stdout; drop --listen and --port");
   }
   const limits = { maxCommands, maxConnections, maxPerIp, timeoutMs, maxDurationMs, drainMs };
   const rest = { stdio, user, logFormat, help, version };
@@ -1095,6 +1100,8 @@ export function parseOptions(args: readonly string[]): Options | UsageError {
       ? "unknown flag"
       : code === "ERR_PARSE_ARGS_UNEXPECTED_POSITIONAL"
       ? "unexpected argument"
+      : /does not take an argument/.test(message)
+      ? "takes no value"
       : "needs a value";
     return { error: `${flag}: ${why}; see --help` };
   }
@@ -1133,11 +1140,19 @@ const LOG_EXIT_MS = 2000;
 /** Hands bytes to the log's sink, then calls back once, with the error if they were lost. */
 export type LogSink = (bytes: Uint8Array, done: (error: Error | null) => void) => void;
 
-/** Write all of `bytes` to standard error (a pipe may take part of them), then call back. */
+/**
+ * Write all of `bytes` to standard error, then call back. A pipe or socket may take part of them,
+ * or none for now (EAGAIN: Node makes them non-blocking): the rest is tried again later. Deno's
+ * node:fs write to a full pipe stops its event loop, so Deno writes with its own API.
+ */
 function writeStderr(bytes: Uint8Array, done: (error: Error | null) => void): void {
+  const rest = (written: number) =>
+    written === bytes.length ? done(null) : writeStderr(bytes.subarray(written), done);
+  if (deno) return void deno.stderr.write(bytes).then(rest, done);
   write(2, bytes, 0, bytes.length, null, (error, written) => {
-    if (error || written === bytes.length) done(error);
-    else writeStderr(bytes.subarray(written), done);
+    if (error?.code === "EAGAIN") setTimeout(() => writeStderr(bytes, done), LOG_BATCH_MS);
+    else if (error) done(error);
+    else rest(written);
   });
 }
 
@@ -1149,7 +1164,7 @@ function writeStderr(bytes: Uint8Array, done: (error: Error | null) => void): vo
  * stop line. `flush` waits for what it holds (call it before exit).
  */
 export function createLog(format: LogFormat, sink: LogSink = writeStderr) {
-  let [backlog, writing, unreported, dropped] = ["", false, 0, 0];
+  let [backlog, lines, writing, unreported, dropped] = ["", 0, false, 0, 0];
   let timer: ReturnType<typeof setTimeout> | undefined;
   const flushed: (() => void)[] = [];
   const lose = (lines: number) => {
@@ -1164,12 +1179,11 @@ export function createLog(format: LogFormat, sink: LogSink = writeStderr) {
     const notice = reported && format !== "off"
       ? formatLine(format, "log", { dropped: reported })
       : "";
-    const lines = backlog.split("\n").length - 1;
-    const bytes = Buffer.from(notice + backlog);
-    [backlog, writing] = ["", true];
+    const [bytes, batch] = [Buffer.from(notice + backlog), lines];
+    [backlog, lines, writing] = ["", 0, true];
     sink(bytes, (error) => {
       writing = false;
-      if (error) lose(lines);
+      if (error) lose(batch);
       else unreported -= reported;
       pump();
     });
@@ -1179,6 +1193,7 @@ export function createLog(format: LogFormat, sink: LogSink = writeStderr) {
     const line = formatLine(format, event, fields, at);
     if (backlog.length + line.length > LOG_BACKLOG) return lose(1);
     backlog += line;
+    lines++;
     timer ??= setTimeout(pump, LOG_BATCH_MS);
   };
   const flush = () =>
@@ -1241,6 +1256,15 @@ function dropPrivileges(spec: string): Record<string, string | number> {
   return { uid: process.getuid!(), gid: process.getgid!(), groups: process.getgroups!().join(",") };
 }
 
+/** `--user`, if given: the ids then in force (for the start line), or why it failed (exit 1). */
+function switchUser(spec: string | undefined): Record<string, string | number> | UsageError {
+  try {
+    return spec ? dropPrivileges(spec) : {};
+  } catch (error) {
+    return { error: `--user: ${(error as Error).message}` };
+  }
+}
+
 /** Text on stderr (after the program's name) or stdout, then the exit code, once it is out. */
 function say(text: string, code: number, to: NodeJS.WritableStream = process.stderr) {
   const line = to === process.stderr ? `smtp521: ${text}\n` : text;
@@ -1280,6 +1304,8 @@ export async function main(args: readonly string[]): Promise<number> {
   process.on("SIGHUP", () => log("signal", { signal: "SIGHUP", action: "ignored" }));
 
   if (options.stdio) {
+    const ids = switchUser(options.user); // before the session: inetd may start it as root
+    if (isError(ids)) return await say(ids.error, 1);
     const session = serveStdio({ ...options, log });
     const stop = () => session.stop("shutdown");
     signalled(stop).then(stop);
@@ -1301,12 +1327,10 @@ export async function main(args: readonly string[]): Promise<number> {
     await flush();
     return 1;
   }
-  let ids = {};
-  try {
-    if (options.user) ids = dropPrivileges(options.user);
-  } catch (error) {
+  const ids = switchUser(options.user);
+  if (isError(ids)) {
     await server.close(0);
-    return await say(`--user: ${(error as Error).message}`, 1);
+    return await say(ids.error, 1);
   }
   const listen = server.addresses.map((a) => hostPort(a.address, a.port)).join(",");
   const { value: name, source: name_source } = server.name;

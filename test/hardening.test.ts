@@ -133,6 +133,53 @@ describe("the log: a sink that fails or stalls costs counted lines, never the se
         expect(await exited(child)).toBe(0);
       }
     });
+
+    it.skipIf(!has("mkfifo"))(
+      unless(
+        "keeps answering, and every line whole, while its log pipe is full (its reader stopped)",
+        has("mkfifo") ? "" : "no mkfifo",
+      ),
+      async () => {
+        const dir = mkdtempSync(join(tmpdir(), "smtp521-late-"));
+        const [fifo, out] = [join(dir, "log"), join(dir, "out")];
+        execFileSync("mkfifo", [fifo]);
+        // The reader, as `| logger` would be: it opens the pipe at once, then is stopped, so the
+        // pipe (64 KB) fills and every write of the log meets EAGAIN until it reads again.
+        const reader = spawn("sh", ["-c", `exec cat "${fifo}" > "${out}"`], { stdio: "ignore" });
+        const fd = openSync(fifo, "w"); // waits for cat to open its end
+        const port = await freePort();
+        const [command, ...args] = RUNTIMES[runtime];
+        const child = spawn(
+          command,
+          [...args, "--listen", `127.0.0.1:${port}`, "--hostname", NAME],
+          {
+            stdio: ["ignore", "ignore", fd],
+          },
+        );
+        closeSync(fd);
+        const sessions = 800; // about 120 KB of session lines: twice what the pipe holds
+        const log = () => readFileSync(out, "latin1");
+        try {
+          await until(() => log().includes("event=start"), 15_000, "the start line");
+          reader.kill("SIGSTOP");
+          for (let n = 0; n < sessions; n++) {
+            expect((await talk(port, "QUIT\r\n")).text).toBe(REFUSE + CLOSING);
+          }
+          reader.kill("SIGCONT");
+          await until(() => log().split(" event=session ").length > sessions, 30_000, "every line");
+        } finally {
+          reader.kill("SIGCONT");
+          child.kill("SIGTERM");
+          expect(await exited(child)).toBe(0);
+          await exited(reader);
+        }
+        const lines = log().trimEnd().split("\n");
+        expect(lines.filter((l) => l.includes(" event=session ")).length).toBe(sessions);
+        expect(log()).not.toMatch(/event=log |log_dropped/);
+        for (const line of lines) expect(line).toMatch(/^time=\S+ event=\w+( [\w-]+=\S+)*$/);
+        rmSync(dir, { recursive: true });
+      },
+    );
   });
 
   it.skipIf(!has("mkfifo"))(

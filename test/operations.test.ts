@@ -307,6 +307,40 @@ describe("--user: drop privileges after binding", () => {
     );
   });
 
+  it.skipIf(noRoot).each(["node", "bun"] as const)(
+    unless("on %s, --stdio: runs as nobody before the session (inetd starts it as root)", noRoot),
+    async (runtime) => {
+      const [command, ...args] = RUNTIMES[runtime];
+      const child = spawn(command, [...args, "--stdio", "--user", "nobody", "--hostname", NAME]);
+      let out = "";
+      child.stdout!.on("data", (chunk) => (out += chunk));
+      const exited = new Promise((resolve) => child.on("exit", resolve));
+      try {
+        await until(() => out.endsWith("\r\n") || child.exitCode !== null, 15_000, "the greeting");
+        const status = readFileSync(`/proc/${child.pid}/status`, "utf8");
+        expect(/^Uid:\s+(.*)$/m.exec(status)![1].split(/\s+/)).toEqual(Array(4).fill("65534"));
+        expect(/^Gid:\s+(.*)$/m.exec(status)![1].split(/\s+/)).toEqual(Array(4).fill("65534"));
+        child.stdin!.end("QUIT\r\n");
+        expect(await within(exited, 15_000, "the exit")).toBe(0);
+        expect(out).toBe(greeting(NAME) + CLOSING);
+      } finally {
+        if (child.exitCode === null) child.kill("SIGKILL");
+      }
+    },
+  );
+
+  it.skipIf(noRoot)(
+    unless("--stdio with an unknown user exits 1 with one line, before the session", noRoot),
+    async () => {
+      const got = await run(RUNTIMES.node[0], [FILE, "--stdio", "--user", "no-such-user-521"]);
+      expect(got.code).toBe(1);
+      expect(got.stdout).toBe(""); // no greeting: the session never began
+      expect(got.stderr).toMatch(
+        /^smtp521: --user: "no-such-user-521" is not in \/etc\/passwd; give NAME:GROUP\n$/,
+      );
+    },
+  );
+
   it.skipIf(noRoot)(
     unless("an unknown user exits 1 with one line, without serving", noRoot),
     async () => {
@@ -361,6 +395,26 @@ describe("logs", () => {
     expect(server.log[0]).toMatch(
       /^time=\S+ event=start version=\S+ runtime=node\/\S+ mode=greet name=mail\.example\.org/,
     );
+  });
+
+  it("in process: an option given as undefined takes its default (no option hides one)", async () => {
+    const server = await serve({
+      hostname: NAME,
+      listen: [{ host: "127.0.0.1", port: 0 }],
+      mode: undefined,
+      maxCommands: undefined,
+      timeoutMs: undefined,
+      maxDurationMs: undefined,
+      log: undefined,
+    });
+    try {
+      // greet mode's limit of 20 lines: the 20th is answered, then the close.
+      const got = await talk(server.addresses[0].port, "NOOP\r\n".repeat(25));
+      expect(got.text).toBe(greeting(NAME).repeat(21));
+      expect(got.ending).not.toBe("timeout");
+    } finally {
+      await server.close(0);
+    }
   });
 
   it("in process: each session line has the time its session ended, and close() hands on every line first", async () => {
@@ -445,6 +499,22 @@ describe("signals", () => {
       expect(Date.now() - begun).toBeGreaterThanOrEqual(1900);
       expect(Date.now() - begun).toBeLessThan(12_000);
       expect(server.log.some((l) => l.endsWith("end=shutdown"))).toBe(true);
+      expect(server.log.some((l) => /event=stop signal=SIGTERM sessions=1 shutdown=1$/.test(l)))
+        .toBe(true);
+    },
+  );
+
+  it.each(ALL)(
+    "on %s, a second SIGTERM ends the drain at once: exit 0, with the stop line",
+    async (runtime) => {
+      // A drain far longer than the test: exiting within it means the second signal ended it.
+      const server = await start(runtime, ["--hostname", NAME, "--drain", "120"]);
+      const open = connect({ host: "127.0.0.1", port: server.port }).on("error", () => {});
+      await within(new Promise((resolve) => open.once("data", resolve)), 15_000, "the greeting");
+      server.child.kill("SIGTERM");
+      await until(() => !listening(server.port), 15_000, "the listener to close");
+      server.child.kill("SIGTERM");
+      expect(await within(server.exited, 20_000, "the exit, long before the 120 s drain")).toBe(0);
       expect(server.log.some((l) => /event=stop signal=SIGTERM sessions=1 shutdown=1$/.test(l)))
         .toBe(true);
     },
