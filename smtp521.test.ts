@@ -860,6 +860,11 @@ function curlSend(port: number, rcpt: string) {
   return run("curl", args, { input: "Subject: hi\r\n\r\nhello\r\n" });
 }
 
+/** One message by nodemailer, as an application on another host would send it. */
+const sendMail = (port: number, to: string) =>
+  nodemailer.createTransport({ host: "127.0.0.1", port, secure: false })
+    .sendMail({ from: "a@client.example", to, text: "hello" });
+
 describe("real clients against a 521 greeting", () => {
   it("Python smtplib raises SMTPConnectError with code 521", async () => {
     const server = await start("node", ["--hostname", "ntp1.example.org"]);
@@ -892,16 +897,7 @@ describe("real clients against a 521 greeting", () => {
   it("nodemailer fails with EPROTOCOL and responseCode 521", async () => {
     const server = await start("node", ["--hostname", "ntp1.example.org"]);
     try {
-      const transport = nodemailer.createTransport({
-        host: "127.0.0.1",
-        port: server.port,
-        secure: false,
-      });
-      const sent = transport.sendMail({
-        from: "a@client.example",
-        to: "b@ntp1.example.org",
-        text: "hello",
-      });
+      const sent = sendMail(server.port, "b@ntp1.example.org");
       await expect(sent).rejects.toMatchObject({
         code: "EPROTOCOL",
         responseCode: 521,
@@ -966,16 +962,7 @@ describe("real clients against rcpt mode", () => {
   it("nodemailer sending to a listed domain fails with EENVELOPE and the 521", async () => {
     const server = await start("node", ["--mode", "rcpt", "--domains", "ntp1.example"]);
     try {
-      const transport = nodemailer.createTransport({
-        host: "127.0.0.1",
-        port: server.port,
-        secure: false,
-      });
-      const sent = transport.sendMail({
-        from: "a@client.example",
-        to: "root@ntp1.example",
-        text: "hello",
-      });
+      const sent = sendMail(server.port, "root@ntp1.example");
       await expect(sent).rejects.toMatchObject({
         code: "EENVELOPE",
         responseCode: 521,
