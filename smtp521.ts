@@ -473,8 +473,8 @@ function stop(conversation: Conversation, reason: EndReason): void {
 /**
  * Every session's deadline on one interval timer, not a timer each (memory per connection). It
  * stops at the first sweep that finds no session open, so a finished stdio session lets the
- * process exit. Open sessions are an array with swap-remove: a Set rehashing under churn kept
- * finished sockets alive through V8 scavenges (bench/HISTORY.md).
+ * process exit. The sessions watched are an array with swap-remove: a Set rehashing under churn
+ * kept finished sockets alive through V8 scavenges (bench/HISTORY.md).
  */
 function deadlines(idleMs: number, maxDurationMs: number) {
   const periodMs = Math.max(20, Math.min(idleMs, maxDurationMs, LINGER_MS) / 10);
@@ -800,6 +800,7 @@ export async function serve(options: ServeOptions = {}): Promise<Smtp521Server> 
   const perNetwork = new Map<string, number>();
   const endings: Record<string, number> = {};
   const room = descriptorRoom();
+  // Open sessions within the limits, and over them (greeted with the 521, then closed).
   let [admitted, overloaded, lastWarning] = [0, 0, 0];
 
   const record = (ends: Ends, end: EndReason, conversation?: Conversation) => {
