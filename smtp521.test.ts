@@ -107,6 +107,13 @@ describe("session core: greet mode (RFC 1846 §4.2 b)", () => {
     expect(feed(session(), `${line}\r\n`)).toMatchObject({ send: CLOSING, lines: 1, end: "quit" });
   });
 
+  it("trims at most 64 trailing blanks: a longer run is not a command, and costs no scan", () => {
+    const blanks = (n: number) => " \t".repeat(n).slice(0, n);
+    expect(feed(session(), `QUIT${blanks(64)}\r\n`)).toMatchObject({ send: CLOSING, end: "quit" });
+    expect(feed(session(), `QUIT${blanks(65)}\r\n`)).toMatchObject({ send: REFUSE, end: null });
+    expect(feed(session(), `QUIT${blanks(990)}\r\n`)).toMatchObject({ send: REFUSE, end: null });
+  });
+
   it.each(["QUITX", "QU\0IT", " QUIT", "QUIT now", "QUIT\r"])(
     "takes %j for a command other than QUIT",
     (line) => {
@@ -383,6 +390,11 @@ describe("session core: rcpt mode (RFC 1846 §3)", () => {
     const s = rcpt();
     expect(dialog(s, "RSET", "NOOP", "noop anything")).toEqual([OK, OK, OK]);
     expect(feed(s, "QUIT \r\nNOOP\r\n")).toMatchObject({ send: CLOSING, lines: 1, end: "quit" });
+  });
+
+  it("takes RSET with up to 64 trailing blanks; with more, the argument is a syntax error", () => {
+    const syntax = "501 syntax error in parameters or arguments\r\n";
+    expect(dialog(rcpt(), `RSET${" ".repeat(64)}`, `RSET${" ".repeat(100)}`)).toEqual([OK, syntax]);
   });
 
   it.each([

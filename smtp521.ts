@@ -263,12 +263,19 @@ export function overloadSession(config: SessionConfig): Session {
 }
 
 /**
- * The line in `bytes` from `start` to `stop` (its LF), without one CR, then without trailing blanks
- * (no command needs them), by a loop: a pattern such as /[ \t]+$/ costs a run of blanks squared.
+ * Trailing blanks trimmed from a line, at most: a courtesy to clients that add one or two (no
+ * command needs them). A longer run stays, so the line is not a command, and costs nothing to scan.
+ */
+const TRIMMED_BLANKS = 64;
+
+/**
+ * The line in `bytes` from `start` to `stop` (its LF), without one CR, then without trailing blanks,
+ * by a loop: a pattern such as /[ \t]+$/ costs a run of blanks squared.
  */
 function lineText(bytes: Buffer, start: number, stop: number): string {
   let end = stop > start && bytes[stop - 1] === CR ? stop - 1 : stop;
-  while (end > start && (bytes[end - 1] === SPACE || bytes[end - 1] === TAB)) end--;
+  const least = Math.max(start, end - TRIMMED_BLANKS);
+  while (end > least && (bytes[end - 1] === SPACE || bytes[end - 1] === TAB)) end--;
   return bytes.toString("latin1", start, end);
 }
 
