@@ -25,15 +25,18 @@ const MB = 1024 * 1024;
 
 /** Every setting, as [full run, smoke run]. */
 const SETTINGS = {
+  /** Memory and hostile: fresh processes per repeat. */
   repeats: [3, 1],
+  /** Speed: windows per server at each concurrency, the three servers' windows interleaved. */
+  rounds: [5, 1],
   /** Load-generator processes (all on CPU 0). */
   processes: [2, 2],
   concurrencies: [[1, 16, 128], [1, 16, 128]],
   /** Speed: a warm-up at 16 clients (Deno's JIT still tiers up in the first seconds: HISTORY.md,
-   * 8), then at each concurrency `warmMs` unmeasured and `rateMs` measured. */
+   * 8), then per window `warmMs` unmeasured and `rateMs` measured. */
   rateWarmMs: [3000, 100],
   warmMs: [500, 100],
-  rateMs: [2000, 200],
+  rateMs: [1500, 200],
   /** Memory: idle connections held per step (two steps); RSS readings per figure; the pause before. */
   hold: [5000, 500],
   settleMs: [1000, 100],
@@ -68,10 +71,17 @@ const cut = (line: string) => line.slice(0, 998);
 /** Three labels of 63 a's and one of `last`: a domain of 192 + `last` octets. */
 const domain = (last: number) => [63, 63, 63, last].map((n) => "a".repeat(n)).join(".");
 
-/** The adversarial lines of issue 15, without their CRLF; the two NOOPs first. */
+/**
+ * The lines, without their CRLF: the two NOOPs, the dearest valid line (a RCPT whose domain is
+ * checked and named in the reply, RFC 1846 §3), then the adversarial shapes of issue 15.
+ */
 export const SHAPES: [string, string][] = [
   ["NOOP (4 octets)", "NOOP"],
   ["NOOP + 993 x", cut(`NOOP ${"x".repeat(993)}`)],
+  [
+    "RCPT TO: + a 256-octet path + parameters",
+    cut(`RCPT TO:<u@${domain(60)}> ${"X-P=v ".repeat(130)}`),
+  ],
   ["RCPT TO:< + tabs", cut(`RCPT TO:<${"\t".repeat(990)}`)],
   ["NOOP + spaces + x", cut(`NOOP${" ".repeat(990)}x`)],
   ["A x 990 (an unknown verb)", "A".repeat(990)],
@@ -85,15 +95,11 @@ export const SHAPES: [string, string][] = [
   ["RCPT TO:<u@ + a. x 490 + >", cut(`RCPT TO:<u@${"a.".repeat(490)}>`)],
   ["RCPT TO:<u@a + - x 970 + >", cut(`RCPT TO:<u@a${"-".repeat(970)}>`)],
   ["RCPT TO:<u@ + a valid 253-octet domain + >", `RCPT TO:<u@${domain(61)}>`],
-  [
-    "RCPT TO: + a 256-octet path + parameters",
-    cut(`RCPT TO:<u@${domain(60)}> ${"X-P=v ".repeat(130)}`),
-  ],
 ];
 
 const PHASES = ["speed", "memory", "hostile", "lines", "small"] as const;
 /** The servers of the speed and the memory phase, in this order, reversed every repeat. */
-const RATED: Impl[] = ["floor", "smtp521", "control"];
+const RATED = ["floor", "smtp521", "control"] as const;
 const HELD: Impl[] = ["baseline", "smtp521"];
 
 const begun = Date.now();
@@ -102,18 +108,41 @@ const progress = (text: string) =>
     `bench ${((Date.now() - begun) / 1000).toFixed(0).padStart(4)} s: ${text}\n`,
   );
 
-/** Speed at each concurrency, after a warm-up; each window after unmeasured load of its own. */
-const speedPhase = (b: Bench, impl: Impl) =>
-  withServer(b, impl, "speed", async (server) => {
-    const { config } = b;
-    await measureRate(server, 16, config.rateWarmMs);
-    const rates: Sample["rates"] = {};
-    for (const clients of config.concurrencies) {
-      await measureRate(server, clients, config.warmMs);
-      rates[clients] = await measureRate(server, clients, config.rateMs);
-    }
-    return rates;
-  });
+/**
+ * Speed: floor, smtp521 and control run at once (each idle while another is measured) and take
+ * turns, a window each per round, first place rotating: a ratio compares windows seconds apart, not
+ * processes minutes apart (HISTORY.md, 18). The rates per round, then server.
+ */
+const speedPhase = (b: Bench) =>
+  withServer(
+    b,
+    "floor",
+    "speed",
+    (floor) =>
+      withServer(b, "smtp521", "speed", (smtp521) =>
+        withServer(b, "control", "speed", async (control) => {
+          const { config } = b;
+          const servers = { floor, smtp521, control };
+          for (const impl of RATED) {
+            await measureRate(servers[impl], 16, config.rateWarmMs);
+          }
+          const rounds = Array.from({ length: config.rounds }, () => ({
+            floor: {} as Sample["rates"],
+            smtp521: {} as Sample["rates"],
+            control: {} as Sample["rates"],
+          }));
+          for (const clients of config.concurrencies) {
+            for (const [round, rates] of rounds.entries()) {
+              const turn = round % RATED.length;
+              for (const impl of [...RATED.slice(turn), ...RATED.slice(0, turn)]) {
+                await measureRate(servers[impl], clients, config.warmMs);
+                rates[impl][clients] = await measureRate(servers[impl], clients, config.rateMs);
+              }
+            }
+          }
+          return rounds;
+        })),
+  );
 
 /** Idle RSS, then with `hold` and 2 x `hold` idle connections, on a fresh process with no warm-up (HISTORY.md, 1). */
 const memoryPhase = (b: Bench, impl: Impl) =>
@@ -206,6 +235,7 @@ const OPTIONS = {
   phases: text,
   concurrencies: text,
   repeats: text,
+  rounds: text,
   product: text,
   from: text,
   smoke: flag,
@@ -222,6 +252,7 @@ export async function main(args: string[]): Promise<void> {
   }
   const config = settings(Boolean(v.smoke));
   if (v.repeats) config.repeats = Number(v.repeats);
+  if (v.rounds) config.rounds = Number(v.rounds);
   if (v.concurrencies) config.concurrencies = v.concurrencies.split(",").map(Number);
   const [runtimes, phases] = [pick(load.RUNTIME_NAMES, v.runtimes), pick(PHASES, v.phases)];
   const product = v.product ? resolve(v.product) : load.PRODUCT;
@@ -234,32 +265,42 @@ export async function main(args: string[]): Promise<void> {
     progress("could not pin (taskset, 2 CPUs): servers and load share cores");
   }
   const raw: Omit<Raw, "context"> = { samples: [], lines: {}, small: {} };
+  /** One server's figures in one repeat (or speed round), made on first use. */
+  const sample = (runtime: Runtime, impl: Impl, repeat: number) => {
+    const found = raw.samples.find((s) =>
+      s.runtime === runtime && s.impl === impl && s.repeat === repeat
+    );
+    if (found) return found;
+    const made: Sample = { runtime, impl, repeat, rates: {}, held: null, hostile: null };
+    raw.samples.push(made);
+    return made;
+  };
   try {
-    for (let repeat = 0; repeat < config.repeats; repeat++) {
-      // floor, smtp521, control in one repeat; control, smtp521, floor in the next.
-      const swap = <T>(list: T[]) => (repeat % 2 ? list.toReversed() : list);
-      for (const runtime of runtimes) {
-        const b = { runtime, config, product, logs };
-        const mine = Object.fromEntries(load.IMPLS.map((impl) => {
-          const sample: Sample = { runtime, impl, repeat, rates: {}, held: null, hostile: null };
-          return [impl, sample];
-        })) as Record<Impl, Sample>;
-        raw.samples.push(...Object.values(mine));
-        if (phases.includes("speed")) {
-          for (const impl of swap(RATED)) mine[impl].rates = await speedPhase(b, impl);
-        }
-        if (phases.includes("memory")) {
-          for (const impl of swap(HELD)) mine[impl].held = await memoryPhase(b, impl);
-        }
-        if (phases.includes("hostile")) mine.smtp521.hostile = await hostilePhase(b);
-        progress(`${runtime}, repeat ${repeat + 1} of ${config.repeats}: done`);
-      }
-    }
     for (const runtime of runtimes) {
       const b = { runtime, config, product, logs };
+      if (phases.includes("speed")) {
+        const rounds = await speedPhase(b);
+        rounds.forEach((rates, round) => {
+          for (const impl of RATED) sample(runtime, impl, round).rates = rates[impl];
+        });
+        progress(`${runtime}: speed done`);
+      }
+      for (let repeat = 0; repeat < config.repeats; repeat++) {
+        // The bare responder first in one repeat, smtp521 first in the next.
+        const order = repeat % 2 ? HELD.toReversed() : HELD;
+        if (phases.includes("memory")) {
+          for (const impl of order) sample(runtime, impl, repeat).held = await memoryPhase(b, impl);
+        }
+        if (phases.includes("hostile")) {
+          sample(runtime, "smtp521", repeat).hostile = await hostilePhase(b);
+        }
+        if (phases.includes("memory") || phases.includes("hostile")) {
+          progress(`${runtime}, repeat ${repeat + 1} of ${config.repeats}: done`);
+        }
+      }
       if (phases.includes("lines")) raw.lines[runtime] = await linesPhase(b);
       if (phases.includes("small")) raw.small[runtime] = await smallPhase(b);
-      progress(`${runtime}: adversarial lines and small hosts done`);
+      progress(`${runtime}: done`);
     }
   } finally {
     load.stopClients();
