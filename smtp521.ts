@@ -374,7 +374,10 @@ export function receive(session: Session, chunk: Uint8Array): Step {
   if (session.received === 0 && session.partial === null && chunk[0] === TLS_HANDSHAKE) {
     return finish(session, "", 0, "forbidden");
   }
-  const bytes = Buffer.from(chunk.buffer, chunk.byteOffset, chunk.length);
+  // A socket's chunk is a Buffer already; on Bun, a view's `.buffer` costs an allocation.
+  const bytes = Buffer.isBuffer(chunk)
+    ? chunk
+    : Buffer.from(chunk.buffer, chunk.byteOffset, chunk.length);
   let [send, lines, start] = ["", 0, 0];
   for (let lf = bytes.indexOf(LF); lf >= 0; lf = bytes.indexOf(LF, start)) {
     const partial = session.partial;
@@ -635,7 +638,7 @@ function denoConnection(conn: DenoConn): Connection {
     return queued < DENO_HIGH_WATER;
   };
   (async () => {
-    const buffer = new Uint8Array(DENO_READ_BYTES);
+    const buffer = Buffer.alloc(DENO_READ_BYTES);
     while (!gone) {
       if (paused) await new Promise<void>((resolve) => wake = resolve);
       const n = paused || gone ? 0 : await conn.read(buffer).catch(() => undefined);
