@@ -34,8 +34,8 @@ const SETTINGS = {
   concurrencies: [[1, 16, 128], [1, 16, 128]],
   /** Speed: a warm-up at 16 clients (Deno's JIT still tiers up in the first seconds: HISTORY.md,
    * 8), then per window `warmMs` unmeasured and `rateMs` measured. */
-  rateWarmMs: [3000, 100],
-  warmMs: [500, 100],
+  rateWarmMs: [2500, 100],
+  warmMs: [300, 100],
   rateMs: [1500, 200],
   /** Memory: idle connections held per step (two steps); RSS readings per figure; the pause before. */
   hold: [5000, 500],
@@ -151,7 +151,7 @@ const memoryPhase = (b: Bench, impl: Impl) =>
     return await load.measureHeld(server, b.config.hold, 2, b.config);
   });
 
-/** Peak RSS under slowloris plus a long line, on a server that has served a second of sessions. */
+/** Peak RSS under slowloris plus a long line, on a server that has served sessions for a while. */
 const hostilePhase = (b: Bench) =>
   withServer(b, "smtp521", "hostile", async (server) => {
     await measureRate(server, 8, 2 * b.config.warmMs);
