@@ -5,7 +5,8 @@
 
 import assert from "node:assert/strict";
 import { Buffer } from "node:buffer";
-import { readFileSync } from "node:fs";
+import { execFileSync } from "node:child_process";
+import { existsSync, readFileSync } from "node:fs";
 import { connect, createServer, type Socket } from "node:net";
 import { join } from "node:path";
 import fc from "fast-check";
@@ -1276,3 +1277,42 @@ function takenValue(options: Record<string, unknown>, flag: string): unknown {
   if (`${key}Ms` in options) return (options[`${key}Ms`] as number) / 1000;
   throw new Error(`--${flag}: no option ${key} or ${key}Ms in parseOptions' result`);
 }
+
+// ---------------------------------------------------------------------------
+// The repository a sysadmin reads before copying smtp521.ts (README "Development").
+// ---------------------------------------------------------------------------
+
+describe("the repository stands on its own", () => {
+  const tracked = execFileSync("git", ["ls-files"], { cwd: ROOT, encoding: "utf8" })
+    .split("\n")
+    .filter((file) => /\.(ts|md|json|service|socket|sh)$|^\.ci\/|^examples\//.test(file));
+
+  it("smtp521.ts fits one sitting: at most 1,400 lines, none over 100 columns", () => {
+    const lines = readFileSync(FILE, "utf8").split("\n");
+    expect(lines.length).toBeGreaterThan(500); // the file was read
+    expect(lines.length).toBeLessThanOrEqual(1400);
+    const wide = lines.flatMap((line, i) => ([...line].length > 100 ? [`${i + 1}: ${line}`] : []));
+    expect(wide).toEqual([]);
+  });
+
+  it("no file cites a document the repository does not hold", () => {
+    // The team's contract and measurement notes live outside the repository.
+    const outside = /\bS[P]EC\b|I[N]TEROP\.md|R[U]NTIMES\.md/;
+    expect(tracked.length).toBeGreaterThan(20);
+    const citing = tracked.filter((file) => outside.test(readFileSync(join(ROOT, file), "utf8")));
+    expect(citing).toEqual([]);
+  });
+
+  it("every file README.md names exists, at the top or in examples/", () => {
+    const readme = readFileSync(join(ROOT, "README.md"), "utf8");
+    const named = [...readme.matchAll(/`([^`\s]+)`/g)].map((m) => m[1]).filter((name) =>
+      /^(bench|test|examples|\.ci)\//.test(name) ||
+      /^[\w.@-]+\.(ts|json|md|service|socket)$/.test(name)
+    );
+    expect(named.length).toBeGreaterThan(10); // the names were found
+    const missing = named.filter((name) =>
+      !existsSync(join(ROOT, name)) && !existsSync(join(ROOT, "examples", name))
+    );
+    expect(missing).toEqual([]);
+  });
+});

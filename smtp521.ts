@@ -269,8 +269,8 @@ export function overloadSession(config: SessionConfig): Session {
 const TRIMMED_BLANKS = 64;
 
 /**
- * The line in `bytes` from `start` to `stop` (its LF), without one CR, then without trailing blanks,
- * by a loop: a pattern such as /[ \t]+$/ costs a run of blanks squared.
+ * The line in `bytes` from `start` to `stop` (its LF), without one CR, then without trailing
+ * blanks, by a loop: a pattern such as /[ \t]+$/ costs a run of blanks squared.
  */
 function lineText(bytes: Buffer, start: number, stop: number): string {
   let end = stop > start && bytes[stop - 1] === CR ? stop - 1 : stop;

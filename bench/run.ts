@@ -28,15 +28,15 @@ const SETTINGS = {
   /** Memory and hostile: fresh processes per repeat. */
   repeats: [3, 1],
   /** Speed: windows per server at each concurrency, the three servers' windows interleaved. */
-  rounds: [5, 1],
+  rounds: [10, 1],
   /** Load-generator processes (all on CPU 0). */
   processes: [2, 2],
   concurrencies: [[1, 16, 128], [1, 16, 128]],
   /** Speed: a warm-up at 16 clients (Deno's JIT still tiers up in the first seconds: HISTORY.md,
    * 8), then per window `warmMs` unmeasured and `rateMs` measured. */
   rateWarmMs: [2500, 100],
-  warmMs: [300, 100],
-  rateMs: [1500, 200],
+  warmMs: [0, 0],
+  rateMs: [750, 200],
   /** Memory: idle connections held per step (two steps); RSS readings per figure; the pause before. */
   hold: [5000, 500],
   settleMs: [1000, 100],
@@ -135,7 +135,9 @@ const speedPhase = (b: Bench) =>
             for (const [round, rates] of rounds.entries()) {
               const turn = round % RATED.length;
               for (const impl of [...RATED.slice(turn), ...RATED.slice(0, turn)]) {
-                await measureRate(servers[impl], clients, config.warmMs);
+                if (config.warmMs) {
+                  await measureRate(servers[impl], clients, config.warmMs);
+                }
                 rates[impl][clients] = await measureRate(servers[impl], clients, config.rateMs);
               }
             }
@@ -154,7 +156,7 @@ const memoryPhase = (b: Bench, impl: Impl) =>
 /** Peak RSS under slowloris plus a long line, on a server that has served sessions for a while. */
 const hostilePhase = (b: Bench) =>
   withServer(b, "smtp521", "hostile", async (server) => {
-    await measureRate(server, 8, 2 * b.config.warmMs);
+    await measureRate(server, 8, b.config.rateMs);
     await sleep(b.config.settleMs);
     return await load.measureHostile(server, b.config);
   }, { extra: ["--timeout", String(b.config.timeoutS)] });
