@@ -182,8 +182,8 @@ function header({ context: c }: Raw): string[] {
       (c.pinned ? "pinned to CPU 0, servers to CPU 1" : "NOT PINNED: servers and load share cores"),
       `- Product: ${c.product}`,
       `- Settings: speed: the three servers at once, ${config.rateWarmMs / 1000} s warm-up each, ` +
-      `then at ${config.concurrencies.join(", ")} clients ${config.rounds} rounds, a window each ` +
-      `per round of ${config.warmMs / 1000} s unmeasured and ${config.rateMs / 1000} s measured; ` +
+      `then at ${config.concurrencies.join(", ")} clients ${config.rounds} rounds of a ` +
+      `${config.rateMs / 1000} s window each; ` +
       `${config.repeats} repeats of memory: ${config.hold} then ${2 * config.hold} idle ` +
       `connections on a fresh process; and of ` +
       `hostile: ${config.slowloris} slowloris + a ${config.lineBytes / MB} MB line, ` +

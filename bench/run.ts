@@ -33,9 +33,8 @@ const SETTINGS = {
   processes: [2, 2],
   concurrencies: [[1, 16, 128], [1, 16, 128]],
   /** Speed: a warm-up at 16 clients (Deno's JIT still tiers up in the first seconds: HISTORY.md,
-   * 8), then per window `warmMs` unmeasured and `rateMs` measured. */
+   * 8), then windows of `rateMs`. */
   rateWarmMs: [2500, 100],
-  warmMs: [0, 0],
   rateMs: [750, 200],
   /** Memory: idle connections held per step (two steps); RSS readings per figure; the pause before. */
   hold: [5000, 500],
@@ -51,8 +50,9 @@ const SETTINGS = {
   /** Adversarial lines: rounds over the shapes, a window per shape and round at 4 clients. */
   lineRounds: [3, 1],
   lineWindowMs: [300, 300],
-  /** Small hosts: starts timed per flag variant, connections held. */
+  /** Small hosts: starts timed per flag variant, a window at 16 clients, connections held. */
   starts: [3, 1],
+  smallRateMs: [2000, 200],
   smallHold: [1000, 100],
 };
 export type Config = { [K in keyof typeof SETTINGS]: (typeof SETTINGS)[K][number] };
@@ -98,7 +98,7 @@ export const SHAPES: [string, string][] = [
 ];
 
 const PHASES = ["speed", "memory", "hostile", "lines", "small"] as const;
-/** The servers of the speed and the memory phase, in this order, reversed every repeat. */
+/** The servers of the speed phase, and of the memory phase (its order reversed every repeat). */
 const RATED = ["floor", "smtp521", "control"] as const;
 const HELD: Impl[] = ["baseline", "smtp521"];
 
@@ -111,9 +111,9 @@ const progress = (text: string) =>
 /**
  * Speed: floor, smtp521 and control run at once (each idle while another is measured) and take
  * turns, a window each per round, first place rotating: a ratio compares windows seconds apart, not
- * processes minutes apart (HISTORY.md, 18). The rates per round, then server.
+ * processes minutes apart (HISTORY.md, 18). Each window's rate goes to its server's sample.
  */
-const speedPhase = (b: Bench) =>
+const speedPhase = (b: Bench, sample: (impl: Impl, round: number) => Sample) =>
   withServer(
     b,
     "floor",
@@ -126,23 +126,15 @@ const speedPhase = (b: Bench) =>
           for (const impl of RATED) {
             await measureRate(servers[impl], 16, config.rateWarmMs);
           }
-          const rounds = Array.from({ length: config.rounds }, () => ({
-            floor: {} as Sample["rates"],
-            smtp521: {} as Sample["rates"],
-            control: {} as Sample["rates"],
-          }));
           for (const clients of config.concurrencies) {
-            for (const [round, rates] of rounds.entries()) {
+            for (let round = 0; round < config.rounds; round++) {
               const turn = round % RATED.length;
               for (const impl of [...RATED.slice(turn), ...RATED.slice(0, turn)]) {
-                if (config.warmMs) {
-                  await measureRate(servers[impl], clients, config.warmMs);
-                }
-                rates[impl][clients] = await measureRate(servers[impl], clients, config.rateMs);
+                const rate = await measureRate(servers[impl], clients, config.rateMs);
+                sample(impl, round).rates[clients] = rate;
               }
             }
           }
-          return rounds;
         })),
   );
 
@@ -200,7 +192,7 @@ async function smallPhase(b: Bench): Promise<Small[]> {
         startMs.push(server.startMs);
         await sleep(config.settleMs);
         const idle = await rss();
-        const rate = await measureRate(server, 16, config.rateMs);
+        const rate = await measureRate(server, 16, config.smallRateMs);
         await sleep(config.settleMs);
         const served = await rss();
         const held = (await load.measureHeld(server, config.smallHold, 1, config)).steps[0].rss;
@@ -281,10 +273,7 @@ export async function main(args: string[]): Promise<void> {
     for (const runtime of runtimes) {
       const b = { runtime, config, product, logs };
       if (phases.includes("speed")) {
-        const rounds = await speedPhase(b);
-        rounds.forEach((rates, round) => {
-          for (const impl of RATED) sample(runtime, impl, round).rates = rates[impl];
-        });
+        await speedPhase(b, (impl, round) => sample(runtime, impl, round));
         progress(`${runtime}: speed done`);
       }
       for (let repeat = 0; repeat < config.repeats; repeat++) {

@@ -95,7 +95,7 @@ it(
       expect(stdout).toBe(markdown);
       for (const runtime of EVERY_RUNTIME) {
         expect(markdown).toMatch(
-          new RegExp(`^\\| ${runtime} +(\\| \\*\\*(PASS|MISS)\\*\\* [^|]+){4}\\|$`, "m"),
+          new RegExp(`^\\| ${runtime} +(\\| \\*\\*(PASS|MISS|NOISE)\\*\\* [^|]+){4}\\|$`, "m"),
         );
         expect(markdown).toMatch(
           new RegExp(`^\\| ${runtime} +\\| 16 +\\| [\\d.]+x \\(control [\\d.]+–[\\d.]+\\)`, "m"),
