@@ -657,6 +657,11 @@ describe("options", () => {
     expect(parseOptions([flag, value])).toMatchObject({ listen: [where] });
   });
 
+  it("takes --rcpt-code 556 in rcpt mode, and 521 (the default) in any mode", () => {
+    expect(parseOptions(["--mode", "rcpt", "--rcpt-code", "556"])).toMatchObject({ rcptCode: 556 });
+    expect(parseOptions(["--rcpt-code", "521"])).toMatchObject({ mode: "greet", rcptCode: 521 });
+  });
+
   it("says why: a flag that takes no value, one that needs one", () => {
     expect(parseOptions(["--stdio=yes"])).toEqual({ error: "--stdio: takes no value; see --help" });
     expect(parseOptions(["--mode"])).toEqual({ error: "--mode: needs a value; see --help" });
@@ -689,6 +694,9 @@ describe("options", () => {
     [["--port", "abc"], "--port"],
     [["--port", "70000"], "--port"],
     [["--stdio=yes"], "--stdio"],
+    [["--domains", "a.example"], "--domains"],
+    [["--rcpt-code", "556"], "--rcpt-code"],
+    [["--mode", "close", "--rcpt-code", "556"], "--rcpt-code"],
   ])("rejects %j naming %s", (args, flag) => {
     const result = parseOptions(args);
     expect(result).toHaveProperty("error");

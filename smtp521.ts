@@ -1085,6 +1085,9 @@ function checkedOptions(values: FlagValues) {
   if (list && mode !== "rcpt") {
     fail("domains", "only rcpt mode reads recipients; add --mode rcpt");
   }
+  if (rcptCode === 556 && mode !== "rcpt") {
+    fail("rcpt-code", "only rcpt mode answers recipients; add --mode rcpt");
+  }
   if (user !== undefined && !/^[^:]+(?::[^:]+)?$/.test(user)) {
     fail("user", `"${user}" is not NAME or NAME:GROUP (names or numeric ids, e.g. nobody)`);
   }
