@@ -2,7 +2,7 @@
 // a time, the load generator on CPU 0 and the server on CPU 1. Nothing here asserts about time;
 // every figure is a ratio taken within one repeat or one server.
 //
-//   npm run bench              # full run (~10 min): bench/RESULTS.md; raw figures and logs in bench/out/
+//   npm run bench              # full run (~9 min): bench/RESULTS.md; raw figures and logs in bench/out/
 //   node bench/run.ts --smoke  # tiny counts, under a minute; into a temporary directory only
 //   --out DIR                  # RESULTS.md, results.json and the logs into DIR
 //   --runtimes node,bun  --phases speed,memory,hostile,lines,small  --concurrencies 1,16  --repeats N
